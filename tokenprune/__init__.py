@@ -1,0 +1,44 @@
+"""tokenprune: token and context pruning for multimodal and RAG inference.
+
+Importing the package needs torch only and patches nothing; transformers, vLLM, triton and
+sentence-transformers are imported lazily by the parts that use them.
+
+    import tokenprune as tp
+    with tp.patch(model, tp.DivPrune(keep=64)):
+        out = model.generate(**inputs)
+"""
+
+from tokenprune.api import patch, prune
+from tokenprune.methods import (
+    DivPrune,
+    FastV,
+    ImageTokens,
+    InLLMPruner,
+    Pruner,
+    ScoredVisualPruner,
+    VisualPruner,
+    available_methods,
+    build,
+)
+from tokenprune.patching import PatchHandle, active_handle
+from tokenprune.stats import PruneRecord, PruneStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "prune",
+    "build",
+    "available_methods",
+    "active_handle",
+    "PatchHandle",
+    "PruneStats",
+    "PruneRecord",
+    "Pruner",
+    "VisualPruner",
+    "ScoredVisualPruner",
+    "InLLMPruner",
+    "ImageTokens",
+    "DivPrune",
+    "FastV",
+]

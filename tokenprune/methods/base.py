@@ -1,0 +1,249 @@
+"""Base classes of every pruning method, the ``keep`` convention and the method registry.
+
+A method is a small ``@dataclass`` validated in ``__post_init__`` and registered by name. The base
+class of its *stage* owns everything but the method's own rule:
+
+* :class:`VisualPruner` (stage ``"visual"``): acts on the image embeddings of one image before the
+  language model sees them; the integration calls :meth:`VisualPruner.select_batch` once per
+  forward with every image of the batch.
+* :class:`ScoredVisualPruner`: a visual pruner that only writes :meth:`score`; the base owns top-k
+  (ties to the lowest index) and returns the kept indices in original order.
+* :class:`InLLMPruner` (stage ``"llm"``): drops image tokens inside the decoder (FastV).
+
+Integrations (``tokenprune.integrations``) decide *where* a method acts on a given model; methods
+never special-case a model and never import an integration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "Pruner",
+    "VisualPruner",
+    "ScoredVisualPruner",
+    "InLLMPruner",
+    "ImageTokens",
+    "register",
+    "available_methods",
+    "build",
+    "get_method_class",
+    "validate_keep",
+    "resolve_keep",
+    "topk_ascending",
+]
+
+_REGISTRY: dict[str, type["Pruner"]] = {}
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register(name: str):
+    """Class decorator: register a method under ``name`` (used by :func:`build` and the CLI)."""
+
+    def decorator(cls: type["Pruner"]) -> type["Pruner"]:
+        key = _normalise_name(name)
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[key].__name__})")
+        cls.name = key
+        _REGISTRY[key] = cls
+        return cls
+
+    return decorator
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type["Pruner"]:
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a str, got {type(name).__name__}")
+    key = _normalise_name(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
+    return _REGISTRY[key]
+
+
+def build(name: str, **kwargs: Any) -> "Pruner":
+    """Build a registered method from its name, e.g. ``build("divprune", keep=64)``.
+
+    Unknown keyword arguments raise ``TypeError`` naming the accepted ones.
+    """
+    cls = get_method_class(name)
+    accepted = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__} got unexpected argument(s) {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- keep convention
+
+
+def validate_keep(keep: Any, name: str = "keep") -> None:
+    """``keep`` is an int >= 1 (tokens kept) or a float in (0, 1] (fraction kept)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(
+            f"{name} must be an int >= 1 (tokens kept) or a float in (0, 1] (fraction kept), "
+            f"got {type(keep).__name__}"
+        )
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"{name} must be >= 1 when given as a token count, got {keep}")
+    elif not (math.isfinite(keep) and 0.0 < keep <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1] when given as a fraction, got {keep}")
+
+
+def resolve_keep(keep: int | float, n: int) -> int:
+    """Number of tokens kept out of ``n``: a count is capped at ``n``; a fraction is rounded
+    half up and never drops below one token (for ``n > 0``)."""
+    if n <= 0:
+        return 0
+    if isinstance(keep, int):
+        return min(keep, n)
+    return min(n, max(1, int(math.floor(keep * n + 0.5))))
+
+
+def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of a 1-D ``scores`` in ascending index order.
+
+    Ties go to the lowest index (a stable descending sort), so selections are deterministic and
+    comparable with an independent reference.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    k = min(k, scores.numel())
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+# --------------------------------------------------------------------------- method bases
+
+
+@dataclass
+class Pruner:
+    """Root of all methods. ``stage`` tells the integrations where the method acts."""
+
+    stage: ClassVar[str] = "abstract"
+    name: ClassVar[str] = "abstract"
+
+    def to_config(self) -> dict[str, Any]:
+        """A JSON-able description, ``{"method": name, **fields}``, that :func:`build` accepts."""
+        return {"method": self.name, **asdict(self)}
+
+
+@dataclass
+class ImageTokens:
+    """One image's visual tokens as the language model would receive them.
+
+    Attributes:
+        features: ``[N, D]`` post-projector embeddings (what the decoder reads).
+        grid: ``(rows, cols)`` of the patch grid when the tokens form one, else ``None``.
+        cls_attention: ``[N]`` attention of the vision [CLS] token (or mean query) onto each
+            patch at the feature layer, when the adapter provides it.
+        extras: adapter-provided inputs a method declared in ``requires``.
+    """
+
+    features: torch.Tensor
+    grid: Optional[tuple[int, int]] = None
+    cls_attention: Optional[torch.Tensor] = None
+    extras: dict[str, Any] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
+class VisualPruner(Pruner):
+    """Pre-LLM visual pruning: choose which visual tokens of each image reach the decoder.
+
+    Args:
+        keep: tokens kept per image (int >= 1) or the fraction kept (float in (0, 1]).
+            More than an image has keeps them all.
+    """
+
+    stage: ClassVar[str] = "visual"
+    #: inputs beyond ``features`` the method needs from the adapter (e.g. ``"cls_attention"``).
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    keep: int | float = 64
+
+    def __post_init__(self) -> None:
+        validate_keep(self.keep)
+
+    def num_kept(self, n: int) -> int:
+        return resolve_keep(self.keep, n)
+
+    def select(self, image: ImageTokens) -> torch.Tensor:
+        """Kept token indices of one image: LongTensor ``[num_kept(N)]``, ascending."""
+        raise NotImplementedError
+
+    def select_batch(self, images: Sequence[ImageTokens]) -> list[torch.Tensor]:
+        """Kept indices for every image of a batch (override to batch the work)."""
+        return [self.select(image) for image in images]
+
+    def merge(self, image: ImageTokens, kept: torch.Tensor) -> torch.Tensor:
+        """Embeddings that replace the image's tokens, ``[len(kept), D]``.
+
+        The default returns the kept rows unchanged; merging methods (VisionZip) override it.
+        """
+        return image.features.index_select(0, kept)
+
+
+@dataclass
+class ScoredVisualPruner(VisualPruner):
+    """A visual pruner defined by a per-token score; the base keeps the top ``keep`` tokens."""
+
+    def score(self, image: ImageTokens) -> torch.Tensor:
+        """Score of each token, ``[N]`` (higher = more important)."""
+        raise NotImplementedError
+
+    def select(self, image: ImageTokens) -> torch.Tensor:
+        scores = self.score(image).float()
+        if scores.shape != (image.num_tokens,):
+            raise RuntimeError(
+                f"{type(self).__name__}.score returned shape {tuple(scores.shape)}, "
+                f"expected ({image.num_tokens},)"
+            )
+        return topk_ascending(scores, self.num_kept(image.num_tokens)).to(image.features.device)
+
+
+@dataclass
+class InLLMPruner(Pruner):
+    """In-LLM visual pruning: drop image tokens inside the decoder, before layer ``layer``.
+
+    Args:
+        layer: index K of the first decoder layer that sees the pruned sequence (1 <= K < depth).
+        keep: image tokens kept per image (count or fraction).
+    """
+
+    stage: ClassVar[str] = "llm"
+
+    layer: int = 2
+    keep: int | float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(f"layer must be an int, got {type(self.layer).__name__}")
+        if self.layer < 1:
+            raise ValueError(f"layer must be >= 1 (the score comes from layer K-1), got {self.layer}")
+        validate_keep(self.keep)
+
+    def num_kept(self, n: int) -> int:
+        return resolve_keep(self.keep, n)
+
+    def score(self, attention_to_keys: torch.Tensor, **context: Any) -> torch.Tensor:
+        """Per-key importance ``[L]`` from the attention probabilities of the scoring queries."""
+        raise NotImplementedError

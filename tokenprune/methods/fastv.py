@@ -1,0 +1,36 @@
+"""FastV: in-LLM visual token pruning (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens
+After Layer 2").
+
+Before decoder layer ``K`` the image tokens are ranked by the attention the last prompt token pays
+them at layer ``K - 1`` (mean over heads) and only the top ones continue to layers ``>= K``; the
+text tokens are all kept. Pruning happens once, at prefill; decoding runs on the pruned cache of
+layers ``>= K`` (layers ``< K`` keep every token). Paper defaults: K = 2, R = 50% dropped.
+
+The score comes from ``tokenprune.kernels.attention_topk`` on layer ``K - 1``'s queries and keys,
+so every layer keeps running SDPA/flash attention. Kept tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenprune.methods.base import InLLMPruner, register
+
+
+@register("fastv")
+@dataclass
+class FastV(InLLMPruner):
+    """Args:
+        layer: K, the first decoder layer that sees the pruned sequence (``1 <= K < num_layers``).
+        keep: image tokens kept per image: a count or a fraction (``0.5`` = the paper's R = 50%).
+        impl: ``attention_topk`` implementation, ``"auto"`` | ``"triton"`` | ``"torch"``.
+    """
+
+    layer: int = 2
+    keep: int | float = 0.5
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")

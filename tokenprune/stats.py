@@ -1,0 +1,69 @@
+"""Statistics of what pruning did during the last calls of a patched model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class PruneRecord:
+    """Tokens before/after for one image (``image`` set) or one decoder layer (``layer`` set).
+
+    ``call`` numbers the patched top-level calls (``generate`` or a forward pass), ``row`` the batch
+    row, ``image`` the image index inside that row.
+    """
+
+    call: int
+    row: int
+    before: int
+    after: int
+    image: Optional[int] = None
+    layer: Optional[int] = None
+    kind: str = "visual"
+
+
+@dataclass
+class PruneStats:
+    """Accumulated :class:`PruneRecord` s of one patch handle.
+
+    ``stats.last()`` holds the records of the most recent call; ``stats.summary()`` aggregates them.
+    """
+
+    records: list[PruneRecord] = field(default_factory=list)
+    calls: int = 0
+
+    def new_call(self) -> int:
+        self.calls += 1
+        return self.calls
+
+    def add(self, **kwargs: Any) -> None:
+        self.records.append(PruneRecord(**kwargs))
+
+    def last(self) -> list[PruneRecord]:
+        return [r for r in self.records if r.call == self.calls]
+
+    def per_image(self, call: Optional[int] = None) -> list[PruneRecord]:
+        call = self.calls if call is None else call
+        return [r for r in self.records if r.call == call and r.image is not None]
+
+    def per_layer(self, call: Optional[int] = None) -> list[PruneRecord]:
+        call = self.calls if call is None else call
+        return [r for r in self.records if r.call == call and r.layer is not None]
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the last call: tokens before/after and the kept ratio."""
+        recs = self.per_image() or self.last()
+        before = sum(r.before for r in recs)
+        after = sum(r.after for r in recs)
+        return {
+            "call": self.calls,
+            "images": len([r for r in recs if r.image is not None]),
+            "tokens_before": before,
+            "tokens_after": after,
+            "kept_ratio": (after / before) if before else 1.0,
+        }
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.calls = 0

@@ -104,7 +104,8 @@ def prune_inputs(
             cursor = end
             slot = image_in_row.get(row, 0)
             image_in_row[row] = slot + 1
-            handle.stats.add(call=call, row=row, image=slot, before=end - start, after=n_kept)
+            handle.stats.add(call=call, row=row, image=slot, before=end - start, after=n_kept,
+                             kept=tuple(kept[image_idx].tolist()))
         pieces_ids.append(input_ids[row, cursor:])
         pieces_mask.append(attention_mask[row, cursor:])
         ids = torch.cat(pieces_ids)

@@ -126,6 +126,45 @@ def test_exact_ties_go_to_lowest_index(impl):
     assert mmdp_select(x, 1, impl=impl).tolist() == [2]
 
 
+def axis_ties(n: int) -> torch.Tensor:
+    """Rows along a few axes (scaled by powers of two, some negated): every cosine is exactly
+    0, 1 or -1, so the greedy rule meets exact ties at every step."""
+    g = torch.Generator().manual_seed(n)
+    axes = torch.randint(0, 5, (n,), generator=g)
+    signs = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    x = torch.zeros(n, 5)
+    x[torch.arange(n), axes] = signs * 2.0 ** (torch.arange(n) % 4)
+    return x
+
+
+@pytest.mark.triton
+def test_triton_exact_ties_across_blocks():
+    from tokenprune.kernels.mmdp.common import prepare_segments
+    from tokenprune.kernels.mmdp.triton import mmdp_select_triton
+
+    x = axis_ties(23)
+    for k in (1, 2, 4, 7, 12):
+        for block in (4, 8):
+            got = mmdp_select_triton(prepare_segments(x, k, None), block=block)
+            assert got.tolist() == brute_mmdp(x, k).tolist(), (k, block)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pair", [(5, 20), (5, 40), (44, 3)])
+def test_mutual_nearest_neighbours_tie_exactly(impl, pair):
+    """Tight clusters plus one isolated pair: the pair's distance is the largest nearest-neighbour
+    distance, held by both members, so the first pick must be the lower index of the pair whatever
+    tiles the two rows fall in (the similarity matrix must be exactly symmetric)."""
+    i, j = pair
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        centers = torch.randn(4, 37, generator=g)
+        x = centers[torch.arange(50) % 4] + 0.01 * torch.randn(50, 37, generator=g)
+        x[i] = torch.randn(37, generator=g)
+        x[j] = x[i] + torch.randn(37, generator=g)
+        assert mmdp_select(x, 1, impl=impl).tolist() == [min(i, j)], seed
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_vectors_are_allowed(impl):
     x = features(30, 8, seed=2)

@@ -129,6 +129,16 @@ def _attn_scores_kernel(
     tl.store(scores_ptr + i_b.to(tl.int64) * width + (o_n - key_start), total * inv_rows, mask=o_n < key_end)
 
 
+def block_sizes(rows: int, d: int) -> dict:
+    """Block sizes and the row path for ``rows = G * Lq`` query rows of head_dim ``d``."""
+    block_m = min(64, triton.next_power_of_2(rows))
+    use_dot = block_m >= 16
+    # tl.dot wants K >= 16 (masked columns load as zeros); the broadcast path keeps
+    # BM * BN * BD products in registers, hence its small BD
+    block_d = max(16, min(64, triton.next_power_of_2(d))) if use_dot else min(16, triton.next_power_of_2(d))
+    return dict(USE_DOT=use_dot, BM=block_m, BN=64, BD=block_d)
+
+
 def _default_splits(args: AttnTopkArgs, programs: int, block_n: int) -> int:
     lk = args.k.shape[2]
     if args.q.is_cuda:
@@ -160,10 +170,8 @@ def attention_topk_triton(args: AttnTopkArgs, *, num_splits: int | None = None) 
     device = q.device
     if b == 0:
         return finish(args, torch.empty(0, width, dtype=torch.float32, device=device))
-    block_m = min(64, max(triton.next_power_of_2(rows), 1))
-    use_dot = block_m >= 16
-    block_n = 64
-    block_d = min(64 if use_dot else 16, triton.next_power_of_2(d))
+    blocks = block_sizes(rows, d)
+    block_m, block_n = blocks["BM"], blocks["BN"]
     row_blocks = triton.cdiv(rows, block_m)
     splits = num_splits or _default_splits(args, row_blocks * b * hk, block_n)
     # whole blocks per slice, so both passes cut the keys into the same blocks
@@ -178,7 +186,7 @@ def attention_topk_triton(args: AttnTopkArgs, *, num_splits: int | None = None) 
     if q.stride(3) != 1 or k.stride(3) != 1:
         q, k = q.contiguous(), k.contiguous()
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b)
-    flags = dict(CAUSAL=args.causal, HAS_MASK=has_mask, USE_DOT=use_dot, BM=block_m, BN=block_n, BD=block_d)
+    flags = dict(CAUSAL=args.causal, HAS_MASK=has_mask, **blocks)
 
     part_m = torch.empty(b * hk, splits, rows, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)

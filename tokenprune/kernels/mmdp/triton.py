@@ -120,7 +120,8 @@ def _mmdp_greedy_kernel(
         base = gram_ptr + tl.load(gram_off_ptr + i_s)
         sentinel = n + BLOCK
         # First pick: the token whose most similar other token is least similar.
-        best_v = float("inf")
+        # loop-carried scalars start as tensors of their final type
+        best_v = tl.full((), float("inf"), tl.float32)
         best_i = sentinel
         for b0 in range(0, n, BLOCK):
             v = tl.load(nn_ptr + bos + b0 + o, mask=b0 + o < n, other=float("inf"))
@@ -142,7 +143,7 @@ def _mmdp_greedy_kernel(
         else:
             run = run_ptr + bos
             for _ in range(k - 1):
-                best_v = float("inf")
+                best_v = tl.full((), float("inf"), tl.float32)
                 best_i = sentinel
                 for b0 in range(0, n, BLOCK):
                     m = b0 + o < n
@@ -158,12 +159,25 @@ def _mmdp_greedy_kernel(
                 tl.debug_barrier()
             tl.store(run + pick, float("inf"))
             tl.debug_barrier()
-            count = 0
+            count = tl.full((), 0, tl.int32)
             for b0 in range(0, n, BLOCK):
                 m = b0 + o < n
                 chosen = m & (tl.load(run + b0 + o, mask=m, other=0.0) == float("inf"))
                 tl.store(out + count + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, bos + b0 + o, mask=chosen)
                 count += tl.sum(chosen.to(tl.int32), axis=0)
+
+
+def gram_blocks(max_n: int, d: int) -> tuple[int, int]:
+    """``(BT, BD)`` of the Gram kernel: smaller tiles spread a single image over more SMs."""
+    bt = 32 if max_n <= 2048 else 64
+    # tl.dot wants K >= 16 (masked columns load as zeros)
+    return bt, max(16, min(64, triton.next_power_of_2(d)))
+
+
+def greedy_block(max_n: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the greedy kernel."""
+    block = min(triton.next_power_of_2(max(max_n, 1)), _MAX_REGISTER_BLOCK)
+    return block, 4 if block <= 1024 else 8
 
 
 def mmdp_select_triton(segments: MmdpSegments, *, block: int | None = None) -> torch.Tensor:
@@ -199,18 +213,17 @@ def mmdp_select_triton(segments: MmdpSegments, *, block: int | None = None) -> t
     max_select = max((n for n in lengths if k < n), default=0)
 
     if max_select:
-        bt = 32 if max_select <= 2048 else 64
-        bd = min(64, triton.next_power_of_2(x.shape[1]))
+        bt, bd = gram_blocks(max_select, x.shape[1])
         tiles = triton.cdiv(max_select, bt)
         _mmdp_gram_kernel[(tiles, tiles, num_segments)](
             gram, nn, x, cu, gram_off, k, x.shape[1], x.stride(0), BT=bt, BD=bd
         )
-    if block is None:
-        block = min(triton.next_power_of_2(max(max(lengths), 1)), _MAX_REGISTER_BLOCK)
+    default_block, num_warps = greedy_block(max(lengths))
+    block = block or default_block
     one_block = block >= max_select
     run = nn if one_block else torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=device)
     _mmdp_greedy_kernel[(num_segments,)](
         out, run, gram, nn, cu, offsets, gram_off, k, BLOCK=block, ONE_BLOCK=one_block,
-        num_warps=4 if block <= 1024 else 8,
+        num_warps=num_warps,
     )
     return out

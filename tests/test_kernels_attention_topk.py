@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_utils import IMPLS, poisoned_empty
+from kernel_utils import IMPLS, on, poisoned_empty, requires_triton
 from tokenprune.kernels import attention_topk
+
+
+def run(q, k, keep, impl, key_padding_mask=None, **kwargs):
+    """``attention_topk`` on the device of ``impl``, results on CPU."""
+    q, k, mask = on(impl, q, k, key_padding_mask)
+    idx, scores = attention_topk(q, k, keep, key_padding_mask=mask, impl=impl, **kwargs)
+    return idx.cpu(), scores.cpu()
 
 
 def brute_scores(q, k, *, key_start=0, key_end=None, causal=True, scale=None, key_padding_mask=None):
@@ -70,7 +77,7 @@ def test_matches_full_softmax(impl, shape, causal):
         if key_end is not None and key_start >= key_end:
             continue
         with poisoned_empty():
-            idx, scores = attention_topk(q, k, keep, key_start=key_start, key_end=key_end, causal=causal, impl=impl)
+            idx, scores = run(q, k, keep, impl, key_start=key_start, key_end=key_end, causal=causal)
         ref = brute_scores(q, k, key_start=key_start, key_end=key_end, causal=causal)
         assert scores.dtype == torch.float32 and scores.shape == ref.shape
         torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-7)
@@ -79,11 +86,11 @@ def test_matches_full_softmax(impl, shape, causal):
 
 @pytest.mark.parametrize(
     "impl,dtype",
-    [("torch", torch.float16), ("torch", torch.bfloat16), pytest.param("triton", torch.float16, marks=pytest.mark.triton)],
+    [("torch", torch.float16), ("torch", torch.bfloat16), pytest.param("triton", torch.float16, marks=[pytest.mark.triton, requires_triton])],
 )
 def test_half_precision_inputs(impl, dtype):
     q, k = random_qk(2, 4, 2, 3, 45, 16, dtype=dtype, seed=1)
-    idx, scores = attention_topk(q, k, 6, key_start=4, key_end=40, impl=impl)
+    idx, scores = run(q, k, 6, impl, key_start=4, key_end=40)
     # the reference reads the same (rounded) half values; the implementations compute in fp32
     ref = brute_scores(q, k, key_start=4, key_end=40)
     torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-7)
@@ -98,7 +105,7 @@ def test_left_padding_mask_and_custom_scale(impl):
     mask[0, :7] = False  # left padding
     mask[1, :] = False  # a row that sees nothing: scores 0
     mask[2, 10:13] = False
-    idx, scores = attention_topk(q, k, 4, key_start=2, key_end=35, key_padding_mask=mask, scale=0.3, impl=impl)
+    idx, scores = run(q, k, 4, impl, key_start=2, key_end=35, key_padding_mask=mask, scale=0.3)
     ref = brute_scores(q, k, key_start=2, key_end=35, key_padding_mask=mask, scale=0.3)
     torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-7)
     assert float(scores[0, :5].abs().max()) == 0.0 and float(scores[1].abs().max()) == 0.0
@@ -110,7 +117,7 @@ def test_left_padding_mask_and_custom_scale(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_causal_more_queries_than_keys_and_keep_covering_the_range(impl):
     q, k = random_qk(1, 2, 1, 9, 5, 6, seed=8)
-    idx, scores = attention_topk(q, k, 50, causal=False, impl=impl)
+    idx, scores = run(q, k, 50, impl, causal=False)
     torch.testing.assert_close(scores.double(), brute_scores(q, k, causal=False), rtol=1e-4, atol=1e-7)
     assert idx.tolist() == [[0, 1, 2, 3, 4]]
     # probabilities averaged over rows: each row sums to one
@@ -124,13 +131,14 @@ def test_non_contiguous_inputs(impl):
     q = torch.randn(2, 3, 4, 10, generator=g).transpose(1, 2)
     k = torch.randn(2, 30, 2, 10, generator=g).transpose(1, 2)
     assert not q.is_contiguous() and not k.is_contiguous()
-    idx, scores = attention_topk(q, k, 5, key_start=3, impl=impl)
+    idx, scores = run(q, k, 5, impl, key_start=3)
     ref = brute_scores(q, k, key_start=3)
     torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-7)
     assert_valid_topk(idx, ref, 5, 3, tol=1e-6)
 
 
 @pytest.mark.triton
+@requires_triton
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_triton_key_splits(num_splits):
     """Pass 1 splits the keys into slices whose statistics are merged: any split gives the same scores."""
@@ -140,9 +148,10 @@ def test_triton_key_splits(num_splits):
     q, k = random_qk(2, 2, 2, 3, 300, 16, seed=10)
     mask = torch.ones(2, 300, dtype=torch.bool)
     mask[1, :100] = False  # the first slices of row 1 see nothing
-    args = prepare_args(q, k, 8, 50, 290, True, None, mask)
+    args = prepare_args(*on("triton", q, k), 8, 50, 290, True, None, on("triton", mask))
     with poisoned_empty():
         idx, scores = attention_topk_triton(args, num_splits=num_splits)
+    idx, scores = idx.cpu(), scores.cpu()
     ref = brute_scores(q, k, key_start=50, key_end=290, key_padding_mask=mask)
     torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-7)
     assert_valid_topk(idx, ref, 8, 50, tol=1e-6)
@@ -182,5 +191,6 @@ def test_ties_go_to_the_lowest_index():
 def test_bad_input(kwargs, err, match, impl):
     call = dict(q=torch.randn(1, 2, 1, 4), k=torch.randn(1, 2, 8, 4), keep=2, impl=impl)
     call.update(kwargs)
+    q, k = on(impl, call.pop("q"), call.pop("k"))
     with pytest.raises(err, match=match):
-        attention_topk(call.pop("q"), call.pop("k"), call.pop("keep"), **call)
+        attention_topk(q, k, call.pop("keep"), **call)

@@ -10,8 +10,13 @@ import sys
 import pytest
 import torch
 
-from kernel_utils import IMPLS, poisoned_empty
+from kernel_utils import IMPLS, on, poisoned_empty, requires_triton
 from tokenprune.kernels import mmdp_select
+
+
+def run(x: torch.Tensor, k: int, impl: str, cu_seqlens=None) -> torch.Tensor:
+    """``mmdp_select`` on the device of ``impl``, result on CPU."""
+    return mmdp_select(on(impl, x), k, cu_seqlens=None if cu_seqlens is None else on(impl, cu_seqlens), impl=impl).cpu()
 
 
 def brute_mmdp(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,19 +58,19 @@ def features(n: int, d: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor
 def test_single_segment_matches_brute_force(impl, n, d, k):
     x = features(n, d, seed=n * 1000 + k)
     with poisoned_empty():
-        got = mmdp_select(x, k, impl=impl)
+        got = run(x, k, impl)
     assert got.dtype == torch.long and got.shape == (min(k, n),)
     assert torch.equal(got, brute_mmdp(x, k))
 
 
 @pytest.mark.parametrize(
     "impl,dtype",
-    [("torch", torch.float16), ("torch", torch.bfloat16), pytest.param("triton", torch.float16, marks=pytest.mark.triton)],
+    [("torch", torch.float16), ("torch", torch.bfloat16), pytest.param("triton", torch.float16, marks=[pytest.mark.triton, requires_triton])],
 )
 def test_half_precision_inputs(impl, dtype):
     x = features(100, 48, dtype=dtype, seed=3)
     # the reference reads the same (rounded) half values; the distance math is fp32 vs float64
-    assert torch.equal(mmdp_select(x, 12, impl=impl), brute_mmdp(x, 12))
+    assert torch.equal(run(x, 12, impl), brute_mmdp(x, 12))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -76,13 +81,14 @@ def test_packed_segments(impl, cu_dtype):
     cu = torch.tensor([0] + lengths).cumsum(0).to(cu_dtype)
     k = 4
     with poisoned_empty():
-        got = mmdp_select(x, k, cu_seqlens=cu, impl=impl)
+        got = run(x, k, impl, cu_seqlens=cu)
     want = torch.cat([brute_mmdp(x[s:e], k) + s for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     assert torch.equal(got, want)
     assert got.shape == (sum(min(k, n) for n in lengths),)
 
 
 @pytest.mark.triton
+@requires_triton
 @pytest.mark.parametrize("block", [16, 64, None])
 def test_triton_block_paths(block):
     """Segments larger than the greedy block loop over blocks with a scratch row (the register path
@@ -94,7 +100,7 @@ def test_triton_block_paths(block):
     x = features(sum(lengths), 19, seed=5)
     cu = torch.tensor([0] + lengths).cumsum(0)
     with poisoned_empty():
-        got = mmdp_select_triton(prepare_segments(x, 9, cu), block=block)
+        got = mmdp_select_triton(prepare_segments(on("triton", x), 9, on("triton", cu)), block=block).cpu()
     want = torch.cat([brute_mmdp(x[s:e], 9) + s for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     assert torch.equal(got, want)
 
@@ -102,12 +108,12 @@ def test_triton_block_paths(block):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batched_input(impl):
     x = torch.stack([features(20, 13, seed=s) for s in range(3)])
-    got = mmdp_select(x, 6, impl=impl)
+    got = run(x, 6, impl)
     assert got.shape == (3, 6)
     for b in range(3):
         assert torch.equal(got[b], brute_mmdp(x[b], 6))
-    assert mmdp_select(x, 50, impl=impl).tolist() == [list(range(20))] * 3
-    assert mmdp_select(torch.zeros(0, 4, 3), 2, impl=impl).shape == (0, 2)
+    assert run(x, 50, impl).tolist() == [list(range(20))] * 3
+    assert run(torch.zeros(0, 4, 3), 2, impl).shape == (0, 2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -120,10 +126,10 @@ def test_exact_ties_go_to_lowest_index(impl):
     for i, (a, s) in enumerate(zip(axes, signs)):
         x[i, a] = s * 2.0 ** (i % 4)
     for k in range(1, len(axes) + 1):
-        assert mmdp_select(x, k, impl=impl).tolist() == brute_mmdp(x, k).tolist(), k
+        assert run(x, k, impl).tolist() == brute_mmdp(x, k).tolist(), k
     # tokens 2, 5, 7 and 10 have no other token pointing their way (nearest-neighbour distance 1,
     # every other token has a twin at distance 0): the lowest index wins the first pick
-    assert mmdp_select(x, 1, impl=impl).tolist() == [2]
+    assert run(x, 1, impl).tolist() == [2]
 
 
 def axis_ties(n: int) -> torch.Tensor:
@@ -138,6 +144,7 @@ def axis_ties(n: int) -> torch.Tensor:
 
 
 @pytest.mark.triton
+@requires_triton
 def test_triton_exact_ties_across_blocks():
     from tokenprune.kernels.mmdp.common import prepare_segments
     from tokenprune.kernels.mmdp.triton import mmdp_select_triton
@@ -145,7 +152,7 @@ def test_triton_exact_ties_across_blocks():
     x = axis_ties(23)
     for k in (1, 2, 4, 7, 12):
         for block in (4, 8):
-            got = mmdp_select_triton(prepare_segments(x, k, None), block=block)
+            got = mmdp_select_triton(prepare_segments(on("triton", x), k, None), block=block).cpu()
             assert got.tolist() == brute_mmdp(x, k).tolist(), (k, block)
 
 
@@ -162,7 +169,7 @@ def test_mutual_nearest_neighbours_tie_exactly(impl, pair):
         x = centers[torch.arange(50) % 4] + 0.01 * torch.randn(50, 37, generator=g)
         x[i] = torch.randn(37, generator=g)
         x[j] = x[i] + torch.randn(37, generator=g)
-        assert mmdp_select(x, 1, impl=impl).tolist() == [min(i, j)], seed
+        assert run(x, 1, impl).tolist() == [min(i, j)], seed
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -170,7 +177,7 @@ def test_zero_vectors_are_allowed(impl):
     x = features(30, 8, seed=2)
     x[4] = 0
     x[17] = 0
-    assert torch.equal(mmdp_select(x, 7, impl=impl), brute_mmdp(x, 7))
+    assert torch.equal(run(x, 7, impl), brute_mmdp(x, 7))
 
 
 def test_pick_order_does_not_depend_on_the_number_of_kept_tokens():

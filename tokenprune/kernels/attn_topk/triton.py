@@ -182,10 +182,10 @@ def attention_topk_triton(args: AttnTopkArgs, *, num_splits: int | None = None) 
     has_mask = mask is not None
     mask_arg = mask.to(device=device, dtype=torch.int8).contiguous() if has_mask else q
     sm_b = mask_arg.stride(0) if has_mask else 0
+    # any layout works as long as head_dim is contiguous (e.g. [B, L, H, D] transposed views)
+    q = q if q.stride(3) == 1 else q.contiguous()
+    k = k if k.stride(3) == 1 else k.contiguous()
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b)
-    if q.stride(3) != 1 or k.stride(3) != 1:
-        q, k = q.contiguous(), k.contiguous()
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b)
     flags = dict(CAUSAL=args.causal, HAS_MASK=has_mask, **blocks)
 
     part_m = torch.empty(b * hk, splits, rows, dtype=torch.float32, device=device)

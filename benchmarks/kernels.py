@@ -164,6 +164,8 @@ def machine(device: str) -> dict[str, str]:
         "triton": triton_version,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # how busy the machine was: CPU wall-clock figures are meaningless when it is oversubscribed
+        "load_avg_1min": f"{os.getloadavg()[0]:.1f}",
     }
 
 
@@ -210,7 +212,8 @@ def main() -> None:
     info["clock"] = clock
     rows = (bench_mmdp(args.device, args.repeats, clock, mmdp_shapes)
             + bench_attention(args.device, args.repeats, clock, attn_shapes))
-    print(f"{info['device_name']} | torch {info['torch']} | triton {info['triton']} | {clock} clock | {info['date']}")
+    print(f"{info['device_name']} | torch {info['torch']} | triton {info['triton']} | {clock} clock | "
+          f"load {info['load_avg_1min']} | {info['date']}")
     print_table(rows)
     tag = f"{clock}clock" if args.device == "cuda" else f"{torch.get_num_threads()}threads_{clock}clock"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -67,8 +67,13 @@ class Row:
     same_picks: Optional[bool] = None
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each function."""
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, repeats: int, clock: str) -> dict[str, float]:
+    """Median milliseconds of each function.
+
+    ``clock="cpu"`` measures process CPU time instead of wall time: on a shared, oversubscribed
+    machine a single-threaded run then does not count the time it waits for a core.
+    """
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     if device == "cuda":
         import triton.testing
 
@@ -78,13 +83,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, repeats:
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = timer()
             fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((timer() - start) * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def bench_mmdp(device: str, repeats: int, shapes: list[tuple[int, int, int, int]]) -> list[Row]:
+def bench_mmdp(device: str, repeats: int, clock: str, shapes: list[tuple[int, int, int, int]]) -> list[Row]:
     rows = []
     for segments, n, k, d in shapes:
         g = torch.Generator().manual_seed(0)
@@ -99,7 +104,7 @@ def bench_mmdp(device: str, repeats: int, shapes: list[tuple[int, int, int, int]
         }
         if device == "cuda":
             fns["triton"] = lambda: mmdp_select(x, k, cu_seqlens=cu, impl="triton")
-        times = time_interleaved(fns, device, repeats)
+        times = time_interleaved(fns, device, repeats, clock)
         loop_picks = torch.cat([p + s * n for s, p in enumerate(fns["loop"]())])
         floor_name = "gemm" if device == "cpu" else "read_x"
         for impl in ("torch", "triton", "loop"):
@@ -113,7 +118,7 @@ def bench_mmdp(device: str, repeats: int, shapes: list[tuple[int, int, int, int]
     return rows
 
 
-def bench_attention(device: str, repeats: int, shapes: list[tuple[int, int, int, int, int, int, int]]) -> list[Row]:
+def bench_attention(device: str, repeats: int, clock: str, shapes: list[tuple[int, int, int, int, int, int, int]]) -> list[Row]:
     rows = []
     dtype = torch.float16 if device == "cuda" else torch.float32
     for b, hq, hk, lq, lk, d, width in shapes:
@@ -128,7 +133,7 @@ def bench_attention(device: str, repeats: int, shapes: list[tuple[int, int, int,
         }
         if device == "cuda":
             fns["triton"] = lambda: attention_topk(q, k, width // 2, key_start=start, key_end=start + width, impl="triton")
-        times = time_interleaved(fns, device, repeats)
+        times = time_interleaved(fns, device, repeats, clock)
         ref = fns["torch"]()[0]
         for impl in ("torch", "triton"):
             if impl in times:
@@ -159,6 +164,8 @@ def machine(device: str) -> dict[str, str]:
         "triton": triton_version,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # how busy the machine was: CPU wall-clock figures are meaningless when it is oversubscribed
+        "load_avg_1min": f"{os.getloadavg()[0]:.1f}",
     }
 
 
@@ -184,6 +191,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=21, help="CPU rounds per shape (median)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="CPU timer: wall time, or process CPU time (robust on a shared machine with --threads 1)")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/kernels_<device>_<date>.csv)")
     args = parser.parse_args()
     if args.device == "cuda":
@@ -199,11 +208,16 @@ def main() -> None:
         mmdp_shapes = [(1, 576, 64, 1024), (1, 256, 32, 1024), (1, 576, 64, 4096), (1, 1024, 128, 1024), (4, 576, 64, 1024)]
         attn_shapes = [(1, 32, 8, 1, 4096, 128, 576), (1, 32, 32, 1, 4096, 128, 576), (1, 32, 8, 1, 32768, 128, 576)]
     info = machine(args.device)
-    rows = bench_mmdp(args.device, args.repeats, mmdp_shapes) + bench_attention(args.device, args.repeats, attn_shapes)
-    print(f"{info['device_name']} | torch {info['torch']} | triton {info['triton']} | {info['date']}")
+    clock = "wall" if args.device == "cuda" else args.clock
+    info["clock"] = clock
+    rows = (bench_mmdp(args.device, args.repeats, clock, mmdp_shapes)
+            + bench_attention(args.device, args.repeats, clock, attn_shapes))
+    print(f"{info['device_name']} | torch {info['torch']} | triton {info['triton']} | {clock} clock | "
+          f"load {info['load_avg_1min']} | {info['date']}")
     print_table(rows)
+    tag = f"{clock}clock" if args.device == "cuda" else f"{torch.get_num_threads()}threads_{clock}clock"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"kernels_{args.device}_{info['date'][:10]}.csv")
+                                   f"kernels_{args.device}_{tag}_{info['date'][:10]}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)

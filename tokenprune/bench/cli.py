@@ -238,7 +238,6 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from tokenprune.bench.presets import FAMILY_CLASSES, PRESETS, count_parameters
@@ -258,7 +257,7 @@ def _models(args: argparse.Namespace) -> None:
             tokens = "(H/28) x (W/28)"
         table.add_row(p.name, FAMILY_CLASSES[p.family], f"{count_parameters(config, p.family) / 1e6:,.0f}M",
                       tokens, "GPU (bf16)" if p.gpu_only else "CPU or GPU", p.description)
-    Console().print(table)
+    _console(False).print(table)
 
 
 def _report(args: argparse.Namespace) -> None:

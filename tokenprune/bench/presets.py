@@ -73,13 +73,14 @@ def _tiny_llava(image_size: Optional[int]) -> Any:
 def _medium_llava(image_size: Optional[int]) -> Any:
     from tokenprune.fixtures import tiny_llava_config
 
-    # ~150M parameters: a 12-layer 768-wide Llama decoder with a 32k vocabulary behind a
-    # 6-layer CLIP tower, the proportions of LLaVA-1.5 scaled down about 45x.
+    # ~140M parameters: a 12-layer 768-wide Llama decoder with a 32k vocabulary behind a 4-layer
+    # 256-wide CLIP tower: like LLaVA-1.5 (CLIP-L is ~5% of the decoder), the vision tower is a
+    # small fixed cost beside the decoder's prefill.
     return tiny_llava_config(
         image_size=_patch_multiple(image_size or 336),
-        vision_hidden_size=512,
-        vision_layers=6,
-        vision_heads=8,
+        vision_hidden_size=256,
+        vision_layers=4,
+        vision_heads=4,
         hidden_size=768,
         num_layers=12,
         num_heads=12,
@@ -207,8 +208,8 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset("tiny-llava", "llava", "LLaVA-1.5 layout, 576 image tokens, 4x384 decoder (~7M params; CPU, seconds)",
                False, _tiny_llava, 336),
-        Preset("medium-llava", "llava", "LLaVA-1.5 layout, 576 image tokens, 12x768 decoder + 6-layer CLIP "
-               "(~150M params; CPU)", False, _medium_llava, 336),
+        Preset("medium-llava", "llava", "LLaVA-1.5 layout, 576 image tokens, 12x768 decoder + 4-layer CLIP "
+               "(~140M params; CPU)", False, _medium_llava, 336),
         Preset("llava-1.5-7b", "llava", "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 + Llama-2-7B, 576 image tokens (GPU, bf16)",
                True, _llava15_7b, 336),
         Preset("llava-next-7b", "llava_next", "LLaVA-NeXT-7B shape: anyres CLIP-L/336 tiles + Llama-2-7B (GPU, bf16)",

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model presets")
     rep = sub.add_parser("report", help="tables/plots from saved JSON or CSV results")
     rep.add_argument("files", nargs="+", help="results files written with --json or --csv")
+    rep.add_argument("--markdown", metavar="PATH", help="write the tables as GitHub markdown (for READMEs)")
     _add_output_arguments(rep)
     return parser
 
@@ -265,6 +266,7 @@ def _report(args: argparse.Namespace) -> None:
 
     all_rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {}
+    markdown = []
     console = _console(args.quiet)
     for path in args.files:
         meta, rows = report.load_results(path)
@@ -272,7 +274,12 @@ def _report(args: argparse.Namespace) -> None:
             raise UsageError(f"{path} holds no results")
         report.print_table(rows, meta, console=console, title=f"{path} ({meta.get('date', '?')}, "
                            f"{meta.get('device_name', '?')}, commit {str(meta.get('git_commit', '?'))[:10]})")
+        markdown.append(report.markdown_table(rows, meta))
         all_rows += rows
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text("\n".join(markdown))
     if args.json:
         report.write_json(args.json, meta, all_rows)
     if args.csv:

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["environment", "write_json", "write_csv", "load_results", "print_table", "plot_results",
+__all__ = ["environment", "write_json", "write_csv", "load_results", "print_table", "markdown_table", "plot_results",
            "RANDOM_WEIGHTS_NOTE"]
 
 RANDOM_WEIGHTS_NOTE = ("random weights: latency and token counts are real, output quality is meaningless "
@@ -203,6 +203,31 @@ def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: A
     console.print(table)
     if any(r.get("random_weights") for r in rows):
         console.print(f"[dim]note: {RANDOM_WEIGHTS_NOTE}[/dim]")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The table of :func:`print_table` as GitHub markdown, with a provenance line (for READMEs)."""
+    lines = ["| model | method | visual tokens | prompt tokens | TTFT ms (median) | TTFT speedup [IQR] | ideal "
+             "| speedup / ideal | decode tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        speed = row.get("speedup")
+        speed_txt = "-" if speed is None else f"{speed:.2f}x" + (
+            f" [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]" if row.get("speedup_q1") is not None else "")
+        lines.append(
+            f"| {row.get('model', '-')} | {row.get('label', row.get('method'))} "
+            f"| {row.get('visual_tokens_after', '-')}/{row.get('visual_tokens_before', '-')} "
+            f"| {_fmt(row.get('prompt_tokens_after'), 'd')} | {_fmt(row.get('ttft_ms'), '.1f')} | {speed_txt} "
+            f"| {_fmt(row.get('ideal_ratio'), '.2f')}x | {_fmt(row.get('ratio_to_ideal'), '.0%')} "
+            f"| {_fmt(row.get('decode_tok_s'), '.1f')} |")
+    first = rows[0] if rows else {}
+    lines.append("")
+    lines.append(f"{meta.get('date', '?')[:10]}, {meta.get('device_name', '?')} ({first.get('device', '?')}, "
+                 f"{meta.get('torch_threads', '?')} threads), torch {meta.get('torch', '?')}, transformers "
+                 f"{meta.get('transformers', '?')}, commit {str(meta.get('git_commit', '?'))[:10]}; batch "
+                 f"{first.get('batch_size')}, {first.get('new_tokens')} new tokens, median of {first.get('reps')} "
+                 "interleaved repetitions. Random weights: latency is real, quality meaningless.")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------- plots

@@ -243,3 +243,13 @@ def test_modes_are_pluggable(tmp_path, monkeypatch, capsys):
     assert [r["speedup"] for r in data["results"]] == [1.0, 2.0, 2.0]
     assert data["results"][0]["prompt_tokens"] == 4096
     sys.modules.pop("fake_bench_mode", None)
+
+
+def test_checkpoint_path_is_accepted(tiny_llava_path, tmp_path, capsys):
+    path = tmp_path / "ckpt.json"
+    code, _, err = _run(capsys, "--model", str(tiny_llava_path), "--methods", "divprune:keep=4", "--json", str(path),
+                        *FAST)
+    assert code == 0, err
+    rows = json.loads(path.read_text())["results"]
+    assert rows[0]["random_weights"] is False and rows[0]["model"] == str(tiny_llava_path)
+    assert (rows[1]["visual_tokens_before"], rows[1]["visual_tokens_after"]) == (16, 4)

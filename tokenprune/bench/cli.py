@@ -199,7 +199,7 @@ def _console(quiet: bool):
 
     console = Console(quiet=quiet)
     if not console.is_terminal:  # logs and pipes: wide enough that no column is truncated
-        console = Console(quiet=quiet, width=max(console.width, 150))
+        console = Console(quiet=quiet, width=max(console.width, 180))
     return console
 
 

@@ -163,7 +163,7 @@ def test_default_run_reports_divprune_576_to_64(tmp_path, capsys):
 def test_latency_table_csv_and_report(tmp_path, capsys):
     csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
     code, out, err = _run(capsys, "latency", "--image-size", "56", "--methods", "divprune:keep=4", "--reps", "2",
-                          "--warmup", "1", "--new-tokens", "3", "--csv", str(csv_path))
+                          "--warmup", "1", "--new-tokens", "3", "--batch-size", "2", "--csv", str(csv_path))
     assert code == 0, err
     assert "divprune(keep=4)" in out and "TTFT speedup" in out and "quality is meaningless" in out
     code, out, err = _run(capsys, "report", str(csv_path), "--plot", str(png), "--json", str(tmp_path / "r.json"))
@@ -171,7 +171,8 @@ def test_latency_table_csv_and_report(tmp_path, capsys):
     assert "divprune(keep=4)" in out and "4/16" in out
     assert png.stat().st_size > 1000
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert rows[1]["visual_tokens_after"] == 4 and rows[1]["reps"] == 2
+    assert rows[1]["visual_tokens_after"] == 4 and rows[1]["reps"] == 2 and rows[1]["batch_size"] == 2
+    assert (rows[1]["prompt_tokens"], rows[1]["prompt_tokens_after"]) == (1 + 32 + 16, 1 + 32 + 4)
 
 
 def test_sweep_writes_plot_and_rows(tmp_path, capsys):
@@ -253,3 +254,49 @@ def test_checkpoint_path_is_accepted(tiny_llava_path, tmp_path, capsys):
     rows = json.loads(path.read_text())["results"]
     assert rows[0]["random_weights"] is False and rows[0]["model"] == str(tiny_llava_path)
     assert (rows[1]["visual_tokens_before"], rows[1]["visual_tokens_after"]) == (16, 4)
+
+
+def test_input_builders_fit_llava_next_and_qwen2_5_vl():
+    """The GPU presets' families: inputs built for tiny configs of the same classes generate."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlavaNextConfig, Qwen2_5_VLConfig
+
+    from tokenprune.bench.hf_visual import INPUT_BUILDERS
+    from tokenprune.bench.presets import LoadedModel
+    from tokenprune.fixtures import tiny_llama_config
+
+    torch.manual_seed(0)
+    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=56, patch_size=14, projection_dim=32)
+    next_cfg = LlavaNextConfig(vision_config=clip, text_config=tiny_llama_config(hidden_size=64, num_layers=2),
+                               image_token_id=4, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                               vision_feature_layer=-2, vision_feature_select_strategy="default")
+    qwen_cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=None, eos_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 4, 4]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=502, vision_start_token_id=500, vision_end_token_id=501, video_token_id=503)
+    for family, config, image_id, expected in [("llava_next", next_cfg, 4, 16 + 4 * 16 + 8),
+                                               ("qwen2_5_vl", qwen_cfg, 502, (112 // 28) ** 2)]:
+        model = getattr(transformers, {"llava_next": "LlavaNextForConditionalGeneration",
+                                       "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family])(config).eval()
+        lm = LoadedModel(model, family, family, True, torch.device("cpu"), torch.float32, 112)
+        inputs = INPUT_BUILDERS[family](lm, 2, 8)
+        assert ((inputs["input_ids"] == image_id).sum(dim=1) == expected).all()
+        out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
+
+
+def test_plot_tolerates_ratio_of_medians_outside_paired_iqr(tmp_path):
+    from tokenprune.bench.report import plot_results
+
+    rows = [{"method": "baseline", "speedup": 1.0, "model": "m"},
+            {"method": "divprune", "keep": 64, "visual_tokens_after": 64, "speedup": 3.0, "speedup_q1": 3.2,
+             "speedup_q3": 3.5, "ideal_ratio": 6.0, "quality": 0.5},
+            {"method": "divprune", "keep": 128, "visual_tokens_after": 128, "speedup": 2.0, "ideal_ratio": 3.5}]
+    plot_results(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(ValueError):
+        plot_results(rows[:1], tmp_path / "q.png")

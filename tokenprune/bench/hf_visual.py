@@ -24,7 +24,7 @@ from tokenprune.bench.presets import FAMILY_CLASSES, LoadedModel, load_model, re
 from tokenprune.bench.results import Samples, ideal_ratio, variant_rows
 from tokenprune.bench.timing import PeakMemory, TokenClock, interleaved_schedule, synchronize
 
-__all__ = ["run", "llava_inputs"]
+__all__ = ["run", "llava_inputs", "llava_next_inputs", "qwen2_5_vl_inputs", "INPUT_BUILDERS"]
 
 DEFAULT_TEXT_TOKENS = 32
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,6 +45,24 @@ def _pixel_values(size: int, seeds: Iterable[int], device: torch.device, dtype: 
     return torch.stack(images).to(device=device, dtype=dtype)
 
 
+def _text_ids(cfg: Any, batch_size: int, text_tokens: int, seed: int) -> torch.Tensor:
+    """``[B, T]`` ordinary vocabulary ids: above the specials (0-4 in Llama-style vocabularies),
+    below the image token when it sits inside the vocabulary."""
+    vocab, image_id = int(cfg.text_config.vocab_size), int(cfg.image_token_id)
+    high = image_id if 5 < image_id < vocab else vocab
+    return torch.randint(5, high, (batch_size, text_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _bos(cfg: Any, batch_size: int) -> torch.Tensor:
+    return torch.full((batch_size, 1), int(cfg.text_config.bos_token_id or 1))
+
+
+def _with_image_block(ids: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` text ids -> ``[B, T + len(block)]`` with ``block`` after the first 4 text tokens."""
+    head = min(4, ids.shape[1])
+    return torch.cat([ids[:, :head], block.expand(ids.shape[0], -1), ids[:, head:]], dim=1)
+
+
 def llava_inputs(lm: LoadedModel, batch_size: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """``generate`` inputs for a LLaVA-1.5 model: ``input_ids``/``attention_mask`` ``[B, L]`` with
     one block of image tokens per row, ``pixel_values`` ``[B, 3, S, S]``.
@@ -56,16 +74,10 @@ def llava_inputs(lm: LoadedModel, batch_size: int, text_tokens: int, seed: int =
     n_image = (vision.image_size // vision.patch_size) ** 2
     if cfg.vision_feature_select_strategy == "full":
         n_image += 1
-    text_cfg = cfg.text_config
     image_id = int(cfg.image_token_id)
-    # Ordinary vocabulary ids only: above the specials, below the image token when it sits inside the vocab.
-    high = image_id if 5 < image_id < text_cfg.vocab_size else text_cfg.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    text = torch.randint(5, high, (batch_size, text_tokens), generator=gen)
-    bos = torch.full((batch_size, 1), int(text_cfg.bos_token_id or 1))
-    head = min(4, text_tokens)
-    image = torch.full((batch_size, n_image), image_id)
-    input_ids = torch.cat([bos, text[:, :head], image, text[:, head:]], dim=1).to(lm.device)
+    text = _text_ids(cfg, batch_size, text_tokens, seed)
+    input_ids = torch.cat([_bos(cfg, batch_size), _with_image_block(text, torch.full((1, n_image), image_id))], dim=1)
+    input_ids = input_ids.to(lm.device)
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
@@ -73,7 +85,73 @@ def llava_inputs(lm: LoadedModel, batch_size: int, text_tokens: int, seed: int =
     }
 
 
-INPUT_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"llava": llava_inputs}
+def llava_next_inputs(lm: LoadedModel, batch_size: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``generate`` inputs for LLaVA-NeXT: ``lm.image_size`` square images through the model's
+    any-resolution tiling (``pixel_values`` ``[B, crops, 3, S, S]``, ``image_sizes`` ``[B, 2]``).
+
+    The placeholder count per image is what the model's own ``get_image_features`` packs (base crop
+    + unpadded grid + row newlines), so it always matches the model.
+    """
+    from transformers import LlavaNextImageProcessor
+
+    from tokenprune.fixtures import make_image
+
+    cfg = lm.model.config
+    side = cfg.vision_config.image_size
+    processor = LlavaNextImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        image_grid_pinpoints=cfg.image_grid_pinpoints, image_mean=list(_CLIP_MEAN), image_std=list(_CLIP_STD),
+    )
+    images = [make_image(lm.image_size, s) for s in range(seed, seed + batch_size)]
+    processed = processor(images=images, return_tensors="pt")
+    pixel_values = processed["pixel_values"].to(lm.device, lm.dtype)
+    image_sizes = processed["image_sizes"].to(lm.device)
+    with torch.no_grad():
+        packed = lm.model.model.get_image_features(
+            pixel_values=pixel_values[:1], image_sizes=image_sizes[:1], vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
+        ).pooler_output
+    block = torch.full((1, int(packed[0].shape[0])), int(cfg.image_token_id))
+    text = _text_ids(cfg, batch_size, text_tokens, seed)
+    input_ids = torch.cat([_bos(cfg, batch_size), _with_image_block(text, block)], dim=1).to(lm.device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+            "image_sizes": image_sizes}
+
+
+def qwen2_5_vl_inputs(lm: LoadedModel, batch_size: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``generate`` inputs for Qwen2.5-VL: ``lm.image_size`` square images (a multiple of 28) as
+    flattened patches ``[B * (S/14)^2, 3 * 2 * 14 * 14]`` with ``image_grid_thw`` ``[B, 3]``; each row
+    holds ``<|vision_start|>``, ``(S/28)^2`` image tokens, ``<|vision_end|>`` in its text."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    from tokenprune.fixtures import make_image
+
+    cfg = lm.model.config
+    vision = cfg.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    side = lm.image_size
+    if side % unit:
+        raise ValueError(f"image_size must be a multiple of {unit} for {type(lm.model).__name__}, got {side}")
+    processor = Qwen2VLImageProcessor(min_pixels=side * side, max_pixels=side * side, patch_size=vision.patch_size,
+                                      merge_size=vision.spatial_merge_size,
+                                      temporal_patch_size=vision.temporal_patch_size)
+    processed = processor(images=[make_image(side, s) for s in range(seed, seed + batch_size)], return_tensors="pt")
+    n_image = (side // unit) ** 2
+    gen = torch.Generator().manual_seed(seed)
+    specials = min(cfg.vision_start_token_id, cfg.image_token_id)
+    text = torch.randint(0, min(specials, cfg.text_config.vocab_size), (batch_size, text_tokens), generator=gen)
+    block = torch.tensor([[cfg.vision_start_token_id, *([cfg.image_token_id] * n_image), cfg.vision_end_token_id]])
+    input_ids = _with_image_block(text, block).to(lm.device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": processed["pixel_values"].to(lm.device, lm.dtype),
+            "image_grid_thw": processed["image_grid_thw"].to(lm.device)}
+
+
+INPUT_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "llava": llava_inputs,
+    "llava_next": llava_next_inputs,
+    "qwen2_5_vl": qwen2_5_vl_inputs,
+}
 
 
 def _check_supported(family: str, methods: list[tuple[str, Any]]) -> None:

@@ -215,7 +215,7 @@ PRESETS: dict[str, Preset] = {
         Preset("llava-next-7b", "llava_next", "LLaVA-NeXT-7B shape: anyres CLIP-L/336 tiles + Llama-2-7B (GPU, bf16)",
                True, _llava_next_7b, 672),
         Preset("qwen2.5-vl-7b", "qwen2_5_vl", "Qwen2.5-VL-7B shape: 32-layer window ViT + 28-layer Qwen2 decoder "
-               "(GPU, bf16)", True, _qwen25_vl_7b, 448),
+               "(GPU, bf16)", True, _qwen25_vl_7b, 672),
         Preset("llama-3-8b", "llama", "Llama-3-8B shape, text only (GPU, bf16; text mode)", True, _llama3_8b, None),
     ]
 }

@@ -261,8 +261,10 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, meta: 
         xs = [keep_tokens(r) for r in rs]
         color = f"C{i}"
         ys = [r["speedup"] for r in rs]
-        lo = [r["speedup"] - r.get("speedup_q1", r["speedup"]) for r in rs]
-        hi = [r.get("speedup_q3", r["speedup"]) - r["speedup"] for r in rs]
+        # The bars show the paired per-repetition ratios' IQR, which need not contain the ratio of
+        # medians drawn as the point: clamp instead of failing.
+        lo = [max(0.0, r["speedup"] - r.get("speedup_q1", r["speedup"])) for r in rs]
+        hi = [max(0.0, r.get("speedup_q3", r["speedup"]) - r["speedup"]) for r in rs]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", color=color, capsize=3, label=f"{name} measured")
         if all(r.get("ideal_ratio") for r in rs):
             ax.plot(xs, [r["ideal_ratio"] for r in rs], linestyle="--", color=color, alpha=0.6,

@@ -22,7 +22,9 @@ ROW_FIELDS = {
 }
 META_FIELDS = {"date", "machine", "cpu", "device", "device_name", "torch", "transformers", "vllm", "tokenprune",
                "git_commit", "parameters", "command"}
-FAST = ["--reps", "1", "--warmup", "0", "--new-tokens", "2", "--quiet"]
+# One thread: on a machine shared with other jobs, two-thread runs spend most of their time waiting
+# on each other and timings stop following token counts.
+FAST = ["--reps", "1", "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--quiet"]
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -140,7 +142,11 @@ def _run(capsys, *argv):
 
 def test_default_run_reports_divprune_576_to_64(tmp_path, capsys):
     path = tmp_path / "default.json"
-    code, _, err = _run(capsys, "--json", str(path), *FAST)
+    threads = torch.get_num_threads()
+    # 3 interleaved repetitions after a warm-up: one cold or disturbed run cannot decide the speedup.
+    code, _, err = _run(capsys, "--json", str(path), "--reps", "3", "--warmup", "1", "--new-tokens", "2", "--threads",
+                        "1", "--quiet")
+    assert torch.get_num_threads() == threads  # restored
     assert code == 0, err
     data = json.loads(path.read_text())
     assert META_FIELDS <= data["meta"].keys()
@@ -149,7 +155,7 @@ def test_default_run_reports_divprune_576_to_64(tmp_path, capsys):
     assert list(rows) == ["baseline", "divprune", "fastv"]
     for row in rows.values():
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
-        assert row["new_tokens"] == 2 and row["random_weights"] is True
+        assert row["new_tokens"] == 2 and row["reps"] == 3 and row["random_weights"] is True
     dp, fastv = rows["divprune"], rows["fastv"]
     assert (dp["keep"], dp["visual_tokens_before"], dp["visual_tokens_after"]) == (64, 576, 64)
     assert dp["prompt_tokens"] - dp["prompt_tokens_after"] == 512
@@ -163,7 +169,8 @@ def test_default_run_reports_divprune_576_to_64(tmp_path, capsys):
 def test_latency_table_csv_and_report(tmp_path, capsys):
     csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
     code, out, err = _run(capsys, "latency", "--image-size", "56", "--methods", "divprune:keep=4", "--reps", "2",
-                          "--warmup", "1", "--new-tokens", "3", "--batch-size", "2", "--csv", str(csv_path))
+                          "--warmup", "1", "--new-tokens", "3", "--batch-size", "2", "--threads", "1",
+                          "--csv", str(csv_path))
     assert code == 0, err
     assert "divprune(keep=4)" in out and "TTFT speedup" in out and "quality is meaningless" in out
     code, out, err = _run(capsys, "report", str(csv_path), "--plot", str(png), "--json", str(tmp_path / "r.json"))
@@ -218,8 +225,10 @@ def test_missing_engine_backend_exits_2(monkeypatch, capsys):
     code, _, err = _run(capsys, "--engine", "vllm", *FAST)
     assert code == 2 and "not installed" in err and err.count("\n") == 1
     monkeypatch.setitem(modes.RUNNERS, ("hf", "text"), "tokenprune_no_such_module:run")
-    code, _, err = _run(capsys, "--mode", "text", *FAST)
+    code, _, err = _run(capsys, "--mode", "text", "--methods", "divprune", *FAST)
     assert code == 2 and "unavailable" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "--mode", "spec", *FAST)
+    assert code == 2 and "--methods is required" in err
 
 
 def test_modes_are_pluggable(tmp_path, monkeypatch, capsys):
@@ -237,7 +246,8 @@ def test_modes_are_pluggable(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(modes.RUNNERS, ("hf", "text"), "fake_bench_mode:run")
     path = tmp_path / "text.json"
-    code, _, err = _run(capsys, "--mode", "text", "--prompt-tokens", "4096", "--json", str(path), *FAST)
+    code, _, err = _run(capsys, "--mode", "text", "--methods", "divprune:keep=4,fastv", "--prompt-tokens", "4096",
+                        "--json", str(path), *FAST)
     assert code == 0, err
     data = json.loads(path.read_text())
     assert data["meta"]["parameters"]["mode"] == "text"
@@ -300,3 +310,47 @@ def test_plot_tolerates_ratio_of_medians_outside_paired_iqr(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
     with pytest.raises(ValueError):
         plot_results(rows[:1], tmp_path / "q.png")
+
+
+def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
+    """--engine vllm and --mode text call the suites in benchmarks/ and rename their figures."""
+    import types
+
+    calls = {}
+
+    def run_vllm_benchmark(presets, keep, method, trials, batch, max_tokens, progress):
+        calls["vllm"] = dict(presets=presets, keep=keep, method=method, trials=trials, batch=batch)
+        common = dict(preset=presets[0], method=method, keep=keep, prompt_tokens_baseline=600,
+                      prompt_tokens_pruned=88, ideal_speedup=600 / 88, trials=trials)
+        return [dict(common, metric="ttft_s", baseline=0.4, pruned=0.1, speedup=4.0, fraction_of_ideal=4 / (600 / 88)),
+                dict(common, metric="throughput_rps", baseline=2.0, pruned=5.0, speedup=2.5)]
+
+    def run_text_benchmark(preset="tiny", lengths=None, methods=None, reps=3, new_tokens=None, progress=True, **kw):
+        calls["text"] = dict(preset=preset, lengths=lengths, labels=[label for label, _ in methods], reps=reps)
+        return [dict(method=label, prompt_tokens=lengths[0], ttft_s=ttft, ttft_speedup=0.5 / ttft, kl=0.0)
+                for (label, _), ttft in zip(methods, [0.5, 0.25])]
+
+    monkeypatch.setitem(modes.BACKENDS, "vllm", ())
+    monkeypatch.setitem(sys.modules, "benchmarks.vllm_bench",
+                        types.SimpleNamespace(run_vllm_benchmark=run_vllm_benchmark))
+    monkeypatch.setitem(sys.modules, "benchmarks.text_bench",
+                        types.SimpleNamespace(run_text_benchmark=run_text_benchmark, PRESETS={"tiny": {}}))
+    path = tmp_path / "v.json"
+    code, _, err = _run(capsys, "--engine", "vllm", "--methods", "divprune:keep=64", "--reps", "3", "--batch-size",
+                        "2", "--json", str(path), "--quiet")
+    assert code == 0, err
+    assert calls["vllm"] == dict(presets=["tiny"], keep=64, method="divprune", trials=3, batch=2)
+    base, dp = json.loads(path.read_text())["results"]
+    assert (base["ttft_ms"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (400.0, 100.0, 400.0, 4.0)
+    assert (dp["visual_tokens_before"], dp["visual_tokens_after"], dp["prompt_tokens_after"]) == (576, 64, 88)
+    assert dp["throughput_speedup"] == 2.5 and dp["engine"] == "vllm"
+    code, _, err = _run(capsys, "--engine", "vllm", "--methods", "fastv", "--quiet")
+    assert code == 2 and "visual methods" in err
+
+    code, _, err = _run(capsys, "--mode", "text", "--model", "tiny", "--methods", "divprune:keep=4",
+                        "--prompt-tokens", "512", "--json", str(path), "--quiet")
+    assert code == 0, err
+    assert calls["text"] == dict(preset="tiny", lengths=[512], labels=["baseline", "divprune(keep=4)"], reps=5)
+    base, dp = json.loads(path.read_text())["results"]
+    assert (dp["method"], dp["label"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (
+        "divprune", "divprune(keep=4)", 250.0, 500.0, 2.0)

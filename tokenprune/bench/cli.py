@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 __all__ = ["main", "build_parser", "parse_methods"]
 
 PROG = "tokenprune-bench"
-DEFAULT_METHODS = "divprune:keep=64,fastv:layer=2:keep=0.5"
 DEFAULT_SWEEP_METHODS = "divprune,fastv:layer=2"
 DEFAULT_SWEEP_KEEP = "192,128,64"
 SUBCOMMANDS = ("latency", "sweep", "models", "report")
@@ -129,8 +128,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
         p.add_argument("--keep", default=DEFAULT_SWEEP_KEEP,
                        help="comma-separated keep values: token counts or fractions in (0, 1] (default: %(default)s)")
     else:
-        p.add_argument("--methods", default=DEFAULT_METHODS,
-                       help="comma-separated methods, name[:param=value...] (default: %(default)s)")
+        p.add_argument("--methods", default=None,
+                       help="comma-separated methods, name[:param=value...] (default: the mode's, in visual mode "
+                            "divprune:keep=64,fastv:layer=2:keep=0.5)")
         p.add_argument("--keep", default=None,
                        help="keep value(s) for methods that do not set keep= themselves")
     p.add_argument("--engine", default="hf", choices=ENGINES, help="inference engine (default: %(default)s)")
@@ -216,15 +216,29 @@ def _emit(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, A
 
 
 def _run(args: argparse.Namespace) -> None:
-    from tokenprune.bench import report
-    from tokenprune.bench.modes import BenchConfig, load_runner, resolve_mode
+    import torch
 
+    threads = torch.get_num_threads()
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
+    try:
+        _measure(args)
+    finally:  # in-process callers (tests, notebooks) get their setting back
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> None:
+    from tokenprune.bench import report
+    from tokenprune.bench.modes import DEFAULT_METHODS, BenchConfig, load_runner, resolve_mode
+
     keep = _keep_list(args.keep) if args.keep is not None else None
-    methods = parse_methods(args.methods, keep)
+    spec = args.methods
+    if spec is None:
+        default_mode = "visual" if args.mode == "auto" else args.mode
+        if default_mode not in DEFAULT_METHODS:
+            raise UsageError(f"--methods is required in {default_mode} mode")
+        spec = DEFAULT_METHODS[default_mode]
+    methods = parse_methods(spec, keep)
     mode = resolve_mode(args.mode, [m for _, m in methods])
     runner = load_runner(args.engine, mode)
     config = BenchConfig(

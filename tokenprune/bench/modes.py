@@ -18,18 +18,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["BenchConfig", "RUNNERS", "STAGE_MODES", "ENGINES", "MODES", "resolve_mode", "load_runner",
-           "BackendUnavailable"]
+__all__ = ["BenchConfig", "RUNNERS", "STAGE_MODES", "ENGINES", "MODES", "DEFAULT_METHODS", "resolve_mode",
+           "load_runner", "import_benchmark", "BackendUnavailable"]
 
 # (engine, mode) -> runner. Runners outside the package live in the repository's benchmarks/.
 RUNNERS: dict[tuple[str, str], str] = {
     ("hf", "visual"): "tokenprune.bench.hf_visual:run",
-    ("vllm", "visual"): "benchmarks.vllm_bench:run_vllm_benchmark",
-    ("hf", "text"): "benchmarks.text_bench:run_text_benchmark",
+    ("vllm", "visual"): "tokenprune.bench.external:run_vllm",  # benchmarks/vllm_bench.py
+    ("hf", "text"): "tokenprune.bench.external:run_text",  # benchmarks/text_bench.py
     ("hf", "rag"): "benchmarks.rag.bench:run_rag_benchmark",
     ("hf", "spec"): "benchmarks.spec.bench:run_spec_benchmark",
 }
 ENGINES = ("hf", "vllm")
+# mode -> methods measured when --methods is not given (the published defaults).
+DEFAULT_METHODS = {"visual": "divprune:keep=64,fastv:layer=2:keep=0.5", "text": "lazyllm,snapkv:keep=0.5"}
 MODES = ("visual", "text", "rag", "spec")
 # method stage -> the mode that measures it ("auto" mode picks from the methods given).
 STAGE_MODES = {"visual": "visual", "llm": "visual", "text": "text", "context": "rag", "speculative": "spec"}
@@ -100,6 +102,21 @@ def _repo_root() -> Optional[Path]:
     return root if (root / "benchmarks").is_dir() else None
 
 
+def import_benchmark(module_name: str) -> Any:
+    """Import a module of the repository's ``benchmarks/`` (found from a source checkout).
+
+    Raises:
+        BackendUnavailable: it cannot be imported here.
+    """
+    root = _repo_root()
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailable(f"benchmark suite unavailable: cannot import {module_name} ({exc})") from None
+
+
 def load_runner(engine: str, mode: str) -> Callable[..., list[dict]]:
     """Import the runner of ``(engine, mode)``.
 
@@ -118,13 +135,7 @@ def load_runner(engine: str, mode: str) -> Callable[..., list[dict]]:
             raise BackendUnavailable(f"engine {engine!r} needs the {backend} package, which is not installed "
                                      f"(pip install 'tokenprune[{engine}]')")
     module_name, _, attr = ref.partition(":")
-    root = _repo_root()
-    if module_name.startswith("benchmarks.") and root is not None and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendUnavailable(f"{engine}/{mode} benchmark unavailable: cannot import {module_name} ({exc})") from None
+    module = import_benchmark(module_name)
     runner = getattr(module, attr, None)
     if runner is None:
         raise BackendUnavailable(f"{engine}/{mode} benchmark unavailable: {module_name} has no {attr}")

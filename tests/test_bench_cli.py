@@ -354,3 +354,11 @@ def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
     base, dp = json.loads(path.read_text())["results"]
     assert (dp["method"], dp["label"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (
         "divprune", "divprune(keep=4)", 250.0, 500.0, 2.0)
+
+
+def test_threads_auto_drops_to_one_on_a_busy_machine(monkeypatch):
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+    assert cli._resolve_threads("auto") == 1
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cli._resolve_threads("auto") == torch.get_num_threads()
+    assert cli._resolve_threads(3) == 3

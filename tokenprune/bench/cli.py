@@ -116,6 +116,22 @@ def _positive(name: str, minimum: int = 1) -> Callable[[str], int]:
     return parse
 
 
+def _threads(text: str) -> int | str:
+    return text if text == "auto" else _positive("--threads")(text)
+
+
+def _resolve_threads(requested: int | str) -> int:
+    import torch
+
+    if requested != "auto":
+        return int(requested)
+    try:
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        busy = False
+    return 1 if busy else torch.get_num_threads()
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
     from tokenprune.bench.modes import ENGINES, MODES
     from tokenprune.bench.presets import DEFAULT_PRESET
@@ -153,8 +169,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--warmup", type=_positive("--warmup", 0), default=1,
                    help="warm-up rounds per variant, discarded (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive("--threads"), default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="CPU threads for torch; auto: torch's default, or 1 when the load average exceeds the "
+                        "core count (threads that wait on each other make timings meaningless) (default: auto)")
     _add_output_arguments(p)
 
 
@@ -219,8 +236,7 @@ def _run(args: argparse.Namespace) -> None:
     import torch
 
     threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(_resolve_threads(args.threads))
     try:
         _measure(args)
     finally:  # in-process callers (tests, notebooks) get their setting back

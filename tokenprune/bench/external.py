@@ -49,7 +49,7 @@ def run_vllm(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
     extra = {k: v for k, v in ttft.items() if k not in ("metric", "baseline", "pruned", "speedup", "method", "keep")}
     common = {"model": f"vllm:{preset}", "engine": "vllm", "mode": "visual", "random_weights": True,
               "batch_size": config.batch_size, "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1,
-              "visual_tokens_before": 576, "device": "cpu", **extra}
+              "visual_tokens_before": 576, **extra}
     base_row = {"method": "baseline", "label": "baseline", "keep": None, "params": {}, **common,
                 "ttft_ms": ttft["baseline"] * 1e3, "ttft_ms_baseline": ttft["baseline"] * 1e3, "speedup": 1.0,
                 "visual_tokens_after": 576, "prompt_tokens": ttft.get("prompt_tokens_baseline"),

@@ -172,8 +172,8 @@ def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: A
     first = rows[0] if rows else {}
     caption_bits = [
         f"{first.get('model', '?')} ({first.get('num_parameters', 0) / 1e6:.1f}M params)" if first else "",
-        f"{meta.get('device_name', '')} [{first.get('device', '')}, {first.get('dtype', '')}, "
-        f"{meta.get('torch_threads', '?')} threads]",
+        f"{meta.get('device_name', '')} ({first.get('device', '')}, {first.get('dtype', '')}, "
+        f"{meta.get('torch_threads', '?')} threads)",
         f"batch {first.get('batch_size')}, {first.get('new_tokens')} new tokens, "
         f"median [IQR] of {first.get('reps')} interleaved reps after {first.get('warmup')} warm-up",
     ]

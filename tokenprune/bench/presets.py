@@ -210,7 +210,8 @@ PRESETS: dict[str, Preset] = {
                False, _tiny_llava, 336),
         Preset("medium-llava", "llava", "LLaVA-1.5 layout, 576 image tokens, 12x768 decoder + 4-layer CLIP "
                "(~140M params; CPU)", False, _medium_llava, 336),
-        Preset("llava-1.5-7b", "llava", "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 + Llama-2-7B, 576 image tokens (GPU, bf16)",
+        Preset("llava-1.5-7b", "llava",
+               "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 + Llama-2-7B, 576 image tokens (GPU, bf16)",
                True, _llava15_7b, 336),
         Preset("llava-next-7b", "llava_next", "LLaVA-NeXT-7B shape: anyres CLIP-L/336 tiles + Llama-2-7B (GPU, bf16)",
                True, _llava_next_7b, 672),

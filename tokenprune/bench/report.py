@@ -232,7 +232,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- plots
-def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike, meta: Optional[dict[str, Any]] = None) -> None:
+def plot_results(
+    rows: Sequence[dict[str, Any]], path: str | os.PathLike, meta: Optional[dict[str, Any]] = None
+) -> None:
     """TTFT speedup against keep, one line per method, with each method's ideal ratio dashed.
 
     Methods measured at a single keep become points; a ``quality`` column, when present, is drawn

@@ -283,7 +283,7 @@ def _models(args: argparse.Namespace) -> None:
         if p.family == "llava":
             tokens = str((vision.image_size // vision.patch_size) ** 2)
         elif p.family == "llava_next":
-            tokens = "576 x (1 + tiles)"
+            tokens = "~576 x (1 + tiles)"
         elif p.family == "qwen2_5_vl":
             tokens = "(H/28) x (W/28)"
         table.add_row(p.name, FAMILY_CLASSES[p.family], f"{count_parameters(config, p.family) / 1e6:,.0f}M",

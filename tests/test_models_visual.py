@@ -145,6 +145,19 @@ def _subsequence(rows: torch.Tensor, reference: torch.Tensor) -> list[int]:
     return found
 
 
+def _check_newlines(rows, packed, found, newline, base_tokens=16):
+    """LLaVA-NeXT: the decoder reads the kept content rows of the packed image in order, each grid
+    row that keeps a token still closed by its newline, and no other newline."""
+    is_newline = (packed == newline).all(dim=1)
+    slots = torch.nonzero(is_newline).flatten().tolist()
+    grid_row = torch.cumsum(is_newline.long(), 0)  # newline j closes the tokens with grid_row == j
+    # Several crops: the base crop's tokens come first and have no newline; one crop: a newline closes it.
+    first_grid = base_tokens if len(slots) > 1 else 0
+    kept_rows = {int(grid_row[i]) for i in found if i >= first_grid}
+    expected = packed[sorted(found + [slot for j, slot in enumerate(slots) if j in kept_rows])]
+    assert torch.equal(rows, expected)
+
+
 @pytest.mark.parametrize("method", list(VISUAL))
 @pytest.mark.parametrize("name", MODELS)
 def test_exactly_keep_tokens_in_order(paths, name, method):
@@ -175,7 +188,9 @@ def test_exactly_keep_tokens_in_order(paths, name, method):
                 content = rows if newline is None else rows[~(rows == newline).all(dim=1)]
                 assert content.shape[0] == keep
                 if method != "visionzip":  # contextual tokens are merged, not copies
-                    _subsequence(content, reference[image])
+                    found = _subsequence(content, reference[image])
+                    if newline is not None:
+                        _check_newlines(rows, reference[image], found, newline)
                 pos += n
                 image += 1
             assert (ids[row, start:end] == image_id).all()

@@ -35,6 +35,7 @@ __all__ = [
     "make_image",
     "build_tiny_llava_next",
     "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_vl",
 ]
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -320,15 +321,24 @@ def build_tiny_qwen2_5_vl(
     num_heads: int = 2,
     vision_depth: int = 4,
     initializer_range: float = 0.3,
+    version: str = "2.5",
 ) -> Path:
     """Save a random ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor`` under ``path``.
 
     Text head_dim 64 (vLLM's CPU attention accepts it) with M-RoPE sections ``[8, 12, 12]``; a
     4-block vision tower (head_dim 32, full attention in blocks 1 and 3, windows of 2x2 merged tokens
     elsewhere) with 14 px patches merged 2x2: a 112x112 image gives 16 visual tokens, 112x168 gives 24.
-    The image placeholder is ``<image>`` (id 4), as in the other fixtures.
+    The image placeholder is ``<image>`` (id 4), as in the other fixtures. ``version="2"`` builds the
+    Qwen2-VL equivalent (full attention in every vision block, no window reordering).
     """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -362,7 +372,19 @@ def build_tiny_qwen2_5_vl(
         "fullatt_block_indexes": [1, 3],
         "initializer_range": 0.1,
     }
-    cfg = Qwen2_5_VLConfig(
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    if version == "2":
+        vision = {
+            "depth": vision_depth, "embed_dim": 64, "hidden_size": hidden_size, "num_heads": 2, "mlp_ratio": 2,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.1,
+        }
+    config_cls, model_cls, processor_cls = (
+        (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
+        if version == "2"
+        else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+    )
+    cfg = config_cls(
         text_config=text,
         vision_config=vision,
         image_token_id=SPECIAL_TOKENS.index(IMAGE_TOKEN),
@@ -371,7 +393,7 @@ def build_tiny_qwen2_5_vl(
         vision_end_token_id=2,
         tie_word_embeddings=False,
     )
-    model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+    model = model_cls(cfg).to(dtype).eval()
     model.generation_config.pad_token_id = 3
     model.generation_config.eos_token_id = 2
     model.save_pretrained(path)
@@ -379,7 +401,7 @@ def build_tiny_qwen2_5_vl(
         min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2, temporal_patch_size=2
     )
     video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2_5_VLProcessor(
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
         video_processor=video_processor,
@@ -388,3 +410,8 @@ def build_tiny_qwen2_5_vl(
     processor.save_pretrained(path)
     _save_tokenizer_config(path)
     return path
+
+
+def build_tiny_qwen2_vl(path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Tiny ``Qwen2VLForConditionalGeneration`` (see :func:`build_tiny_qwen2_5_vl`)."""
+    return build_tiny_qwen2_5_vl(path, version="2", **kwargs)

@@ -322,10 +322,11 @@ def build_tiny_qwen2_5_vl(
     vision_depth: int = 4,
     initializer_range: float = 0.3,
     version: str = "2.5",
+    max_pixels: int = 224 * 224,
 ) -> Path:
     """Save a random ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor`` under ``path``.
 
-    Text head_dim 64 (vLLM's CPU attention accepts it) with M-RoPE sections ``[8, 12, 12]``; a
+    Text head_dim 64 by default (vLLM's CPU attention accepts it) with M-RoPE sections ``[8, 12, 12]``; a
     4-block vision tower (head_dim 32, full attention in blocks 1 and 3, windows of 2x2 merged tokens
     elsewhere) with 14 px patches merged 2x2: a 112x112 image gives 16 visual tokens, 112x168 gives 24.
     The image placeholder is ``<image>`` (id 4), as in the other fixtures. ``version="2"`` builds the
@@ -345,6 +346,9 @@ def build_tiny_qwen2_5_vl(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    head_dim = hidden_size // num_heads
+    if head_dim % 16:
+        raise ValueError(f"hidden_size / num_heads must be a multiple of 16 (M-RoPE sections), got {head_dim}")
     text = {
         "vocab_size": 512,
         "hidden_size": hidden_size,
@@ -354,7 +358,9 @@ def build_tiny_qwen2_5_vl(
         "num_key_value_heads": num_heads,
         "max_position_embeddings": 4096,
         "initializer_range": initializer_range,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+        # M-RoPE sections (t, h, w) over head_dim / 2 in Qwen's 1/4, 3/8, 3/8 proportions ([8, 12, 12] at 64).
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 3,
@@ -398,7 +404,7 @@ def build_tiny_qwen2_5_vl(
     model.generation_config.eos_token_id = 2
     model.save_pretrained(path)
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
     )
     video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(

@@ -151,7 +151,9 @@ class VisionLanguageAdapter(ModelAdapter):
 @register_adapter("LlavaForConditionalGeneration")
 class LlavaAdapter(VisionLanguageAdapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``): one contiguous block of placeholders per image,
-    a square patch grid, features from ``model.model.get_image_features``."""
+    a square patch grid, features from ``model.model.get_image_features``. Methods that ``require``
+    ``cls_attention`` / ``keys`` / ``flow_layers`` get them from a :class:`ClipProbe` on the CLIP
+    tower (the [CLS] row of each layer, from the layer's own q/k/v projections)."""
 
     def text_model(self) -> Any:
         return self.model.model.language_model

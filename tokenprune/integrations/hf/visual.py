@@ -9,8 +9,11 @@ decoded, so the prompt itself gets shorter: ``generate`` (and a direct forward p
    tokens as the method kept (rows re-padded on the side they were padded on),
 4. hand the selected embeddings to the model as pre-computed encoder outputs.
 
-The decoder and its KV cache therefore only ever see the kept tokens. Positions are re-indexed:
-the decoder sees a shorter, contiguous prompt, as DivPrune/VisionZip do in their public code.
+The decoder and its KV cache therefore only ever see the kept tokens. Positions are the adapter's
+choice (:meth:`VisionLanguageAdapter.pruned_kwargs`): LLaVA-1.5/NeXT re-index (the decoder sees a
+shorter, contiguous prompt, as DivPrune/VisionZip do in their public code); Qwen2-VL/Qwen2.5-VL keep
+each kept token's original 3-D M-RoPE position. Adapters may also lay an image's kept tokens out
+with extra structural slots (LLaVA-NeXT's row newlines, :meth:`VisionLanguageAdapter.layout`).
 ``generate`` returns the caller's *original* prompt ids followed by the new tokens, exactly as the
 unpatched model does, so slicing ``out[:, prompt_len:]`` keeps working.
 """

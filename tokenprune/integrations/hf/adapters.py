@@ -192,7 +192,7 @@ class LlavaAdapter(VisionLanguageAdapter):
         images = []
         for i, f in enumerate(out.pooler_output):
             cls_attention, extras = select_records(
-                probe.records, probe.feature_layer, requires, lambda t, i=i: t[i, first:].to(f.device)
+                probe.records, probe.feature_layer, requires, lambda t, i=i, dev=f.device: t[i, first:].to(dev)
             )
             images.append(ImageTokens(features=f, grid=self._grid(f.shape[0]), cls_attention=cls_attention,
                                       extras=extras or None))
@@ -360,7 +360,7 @@ class QwenVLAdapter(VisionLanguageAdapter):
             t, h, w = (int(x) for x in grid_thw[i])
             n = f.shape[0]
             cls_attention, extras = select_records(
-                records, probe.feature_layer, requires, lambda x, a=start, b=start + n: x[a:b].to(f.device)
+                records, probe.feature_layer, requires, lambda x, a=start, b=start + n, dev=f.device: x[a:b].to(dev)
             )
             grid = (h // merge, w // merge) if t == 1 else None
             images.append(ImageTokens(features=f, grid=grid, cls_attention=cls_attention, extras=extras or None))

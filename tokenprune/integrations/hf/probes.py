@@ -70,9 +70,6 @@ class _Probe:
     def _register(self, index: int, attention: torch.nn.Module) -> None:
         raise NotImplementedError
 
-    def layer_records(self, index: int) -> dict[str, torch.Tensor]:
-        return self.records[index]
-
 
 class ClipProbe(_Probe):
     """CLIP-style encoders (LLaVA-1.5, LLaVA-NeXT): the [CLS] token (position 0) is the query.
@@ -149,7 +146,7 @@ class MeanQueryProbe(_Probe):
                 cos, sin = cap["rope"]
                 q, k = rotary(q, k, cos, sin)
             q, k, v = q.float(), k.float(), v.float()
-            scale = attention.head_dim ** -0.5 if hasattr(attention, "head_dim") else q.shape[-1] ** -0.5
+            scale = attention.scaling
             attn = torch.empty(s, device=q.device)
             for start, end in self.segments:
                 mean_q = q[start:end].mean(dim=0)  # [H, d]

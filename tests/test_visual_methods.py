@@ -241,3 +241,13 @@ def test_flowcut_without_value_similarity():
     s0 = first["attention"] / first["attention"].sum() * first["value_norm"]
     s1 = last["attention"] / last["attention"].sum() * last["value_norm"]
     assert kept.tolist() == sorted(torch.topk(0.5 * s0 + 0.5 * s1, 5).indices.tolist())
+
+
+def test_flowcut_final_layer_from_adapter():
+    image = _image(n=48, grid=(6, 8), seed=7, layers=4)
+    image.extras["flow_final_layer"] = 3  # the Qwen schedule: last cut after the final block
+    layers = image.extras["flow_final_layer"]
+    kept = tp.FlowCut(keep=6).select(image)
+    # Equivalent to the CLIP-rule reference with one more (unused) layer appended.
+    padded = image.extras["flow_layers"] + [image.extras["flow_layers"][-1]]
+    assert layers == 3 and kept.tolist() == _flowcut_reference(padded, 6)

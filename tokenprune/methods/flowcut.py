@@ -12,7 +12,9 @@ query) pays each token, ``v_l`` the softmax similarity of the [CLS] value to eac
 value vector averaged over heads. Scores accumulate as ``cum = 0.5 * cum + 0.5 * s_l``.
 
 Schedule (the public code, ``select_layer = depth - 2``): with ``L`` encoder layers feeding the
-feature layer, the last cut happens after layer ``L - 2``; ``rpl = L - 2 - l`` layers remain. At every
+feature layer, the last cut happens after layer ``F = L - 2`` (an adapter may set
+``extras["flow_final_layer"]``: the public Qwen code cuts last after the final block, ``F = L - 1``);
+``rpl = F - l`` layers remain. At every
 layer with even ``rpl`` the lowest-``cum`` alive tokens are dropped: ``round((N - keep) / sqrt(rpl) *
 (1 - H^2))`` of them, ``H`` the entropy of the alive tokens' attention over ``log N`` (``N`` alive);
 at ``rpl = 0`` exactly ``keep`` remain. Scoring stops once ``keep`` tokens remain.
@@ -85,7 +87,7 @@ class FlowCut(VisualPruner):
             return alive
         if not layers:
             raise ValueError("FlowCut needs at least one encoder layer record")
-        last = max(len(layers) - 2, 0)
+        last = min(int((image.extras or {}).get("flow_final_layer", max(len(layers) - 2, 0))), len(layers) - 1)
         cumulative = None
         for index, record in enumerate(layers[: last + 1]):
             if alive.numel() <= k:

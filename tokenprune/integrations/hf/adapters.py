@@ -362,6 +362,8 @@ class QwenVLAdapter(VisionLanguageAdapter):
             cls_attention, extras = select_records(
                 records, probe.feature_layer, requires, lambda x, a=start, b=start + n, dev=f.device: x[a:b].to(dev)
             )
+            if probe.records and "flow_layers" in extras:
+                extras["flow_final_layer"] = len(layers) - 1  # FlowCut-Qwen cuts last after the final block
             grid = (h // merge, w // merge) if t == 1 else None
             images.append(ImageTokens(features=f, grid=grid, cls_attention=cls_attention, extras=extras or None))
             start += n

@@ -337,3 +337,23 @@ def test_fastv_keeps_k_image_tokens_per_image_from_layer_k(paths, name):
     assert lengths[0] == lengths[1] == ids.shape[1]
     assert lengths[2] == lengths[3] == max(per_row)
     assert [r.after for r in handle.stats.records if r.kind == "llm"] == [4, 4]
+
+
+@pytest.mark.parametrize("name", ["llava", "next"])
+def test_clip_probe_matches_eager_attention_weights(paths, name):
+    """The [CLS] rows the probe computes from q/k under SDPA equal the eager attention weights."""
+    model, processor = load(paths, name)
+    eager, _ = load(paths, name, attn="eager")
+    inputs = inputs_for(processor, name)
+    images = get_adapter(model).encode_images(dict(inputs), frozenset({"cls_attention", "flow_layers"}))
+    pixels = inputs["pixel_values"]
+    crops = pixels[0] if pixels.dim() == 5 else pixels[:1]  # image 0: its crops (NeXT) or itself
+    with torch.no_grad():
+        out = eager.model.vision_tower(crops, output_attentions=True)
+    reference = [a[:, :, 0, 1:].mean(dim=1) for a in out.attentions]  # [crops, N] per layer
+    image = images[0]
+    layers = image.extras["flow_layers"]
+    assert len(layers) == len(reference) - 1  # every layer up to the feature layer (-2)
+    for record, ref in zip(layers, reference):
+        torch.testing.assert_close(record["attention"][:16], ref[0][:16], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(image.cls_attention[:16], reference[-2][0][:16], atol=1e-5, rtol=1e-4)

@@ -112,10 +112,11 @@ class FastVRuntime:
             keep = torch.ones(length, dtype=torch.bool, device=scores.device)
             for image, (start, end) in enumerate(self.adapter.image_runs(st.input_ids[row])):
                 n_kept = self.method.num_kept(end - start)
+                chosen = topk_ascending(scores[row, start:end], n_kept)
                 keep[start:end] = False
-                keep[start + topk_ascending(scores[row, start:end], n_kept)] = True
+                keep[start + chosen] = True
                 self.handle.stats.add(call=call, row=row, image=image, layer=self.layer, before=end - start,
-                                      after=n_kept, kind="llm")
+                                      after=n_kept, kind="llm", kept=tuple(chosen.tolist()))
             kept_rows.append(torch.nonzero(keep).flatten())
             valid = padding[row] if padding is not None else torch.ones(length, dtype=torch.bool, device=keep.device)
             self.handle.stats.add(call=call, row=row, layer=self.layer, before=int(valid.sum()),

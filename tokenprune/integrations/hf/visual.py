@@ -110,7 +110,8 @@ def prune_inputs(
             offsets = slots[image_idx][0].to(device)
             pieces += [torch.arange(cursor, start, device=device), start + offsets]
             cursor = end
-            handle.stats.add(call=call, row=row, image=slot, before=end - start, after=int(offsets.numel()))
+            handle.stats.add(call=call, row=row, image=slot, before=end - start, after=int(offsets.numel()),
+                             kept=tuple(kept[image_idx].tolist()))
         pieces.append(torch.arange(cursor, input_ids.shape[1], device=device))
         index = torch.cat(pieces)
         # Drop the row's old padding; re-padded below to the new common length.

@@ -40,6 +40,7 @@ __all__ = [
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 IMAGE_TOKEN = "<image>"
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
 
 # A LLaVA-1.5 style template that also renders `documents=` (the transformers RAG convention).
 CHAT_TEMPLATE = (
@@ -293,6 +294,7 @@ def build_tiny_llava_next(
     model = LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
     model.generation_config.pad_token_id = 3
     model.save_pretrained(path)
+    _rewrite_classic_llava_keys(path)
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": crop_size},
         crop_size={"height": crop_size, "width": crop_size},
@@ -349,8 +351,12 @@ def build_tiny_qwen2_5_vl(
     head_dim = hidden_size // num_heads
     if head_dim % 16:
         raise ValueError(f"hidden_size / num_heads must be a multiple of 16 (M-RoPE sections), got {head_dim}")
+    tokenizer = build_tokenizer()
+    # Qwen processors (HF and vLLM) look up a video placeholder even for image-only prompts.
+    tokenizer.add_tokens([QWEN_VIDEO_TOKEN], special_tokens=True)
+    video_token_id = tokenizer.convert_tokens_to_ids(QWEN_VIDEO_TOKEN)
     text = {
-        "vocab_size": 512,
+        "vocab_size": 8 * ((len(tokenizer) + 7) // 8),
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_layers,
@@ -394,7 +400,7 @@ def build_tiny_qwen2_5_vl(
         text_config=text,
         vision_config=vision,
         image_token_id=SPECIAL_TOKENS.index(IMAGE_TOKEN),
-        video_token_id=SPECIAL_TOKENS.index("<pad>") + 1000,
+        video_token_id=video_token_id,
         vision_start_token_id=1,
         vision_end_token_id=2,
         tie_word_embeddings=False,
@@ -409,7 +415,7 @@ def build_tiny_qwen2_5_vl(
     video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = processor_cls(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer,
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )

@@ -99,6 +99,8 @@ def main() -> None:
                     "prompt_tokens": prompt_len,
                     "image_tokens_before": image[0].before if image else None,
                     "image_tokens_after": image[0].after if image else None,
+                    # tokens the method chose (NeXT: content tokens; "after" also counts kept row newlines)
+                    "method_kept": len(image[0].kept) if image and image[0].kept is not None else None,
                     "ttft_median_s": round(statistics.median(times[key]), 5),
                     "ttft_speedup": round(base / statistics.median(times[key]), 3),
                 })

@@ -273,6 +273,7 @@ def build_tiny_llava_next(
     Crops of ``crop_size`` px (56: 16 tokens per crop) on the grid pinpoints ``1x2, 2x1, 2x2`` crops:
     an image becomes its base crop plus an unpadded high-resolution grid with one newline token per
     row (a square image: 16 + 64 + 8 = 88 placeholders). Extra keyword arguments go to the text config.
+    Saved in the classic key layout: vLLM (CPU) loads it and its greedy output equals transformers'.
     """
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
 
@@ -331,7 +332,9 @@ def build_tiny_qwen2_5_vl(
     Text head_dim 64 by default (vLLM's CPU attention accepts it) with M-RoPE sections ``[8, 12, 12]``; a
     4-block vision tower (head_dim 32, full attention in blocks 1 and 3, windows of 2x2 merged tokens
     elsewhere) with 14 px patches merged 2x2: a 112x112 image gives 16 visual tokens, 112x168 gives 24.
-    The image placeholder is ``<image>`` (id 4), as in the other fixtures. ``version="2"`` builds the
+    The image placeholder is ``<image>`` (id 4), as in the other fixtures; ``<|video_pad|>`` is added
+    to the vocabulary because the processors (HF and vLLM) look it up. vLLM (CPU) loads the checkpoint
+    and its greedy output equals transformers'. ``version="2"`` builds the
     Qwen2-VL equivalent (full attention in every vision block, no window reordering).
     """
     from transformers import (

@@ -282,11 +282,11 @@ def test_qwen_positions_are_gathered_and_decode_continues(paths, name):
     h = adapter.text_model().register_forward_pre_hook(hook, with_kwargs=True)
     try:
         generate(model, inputs, n=3)
-        full = calls[:]
+        full, full_deltas = calls[:], model.model.rope_deltas.clone()
         calls.clear()
         with tp.patch(model, tp.HoloV(keep=5, crops=4)):
             generate(model, inputs, n=3)
-        pruned = calls[:]
+        pruned, pruned_deltas = calls[:], model.model.rope_deltas.clone()
     finally:
         h.remove()
     ids = inputs["input_ids"]
@@ -306,7 +306,10 @@ def test_qwen_positions_are_gathered_and_decode_continues(paths, name):
         assert got_text == text_cols
         assert len(set(got_image)) == 5 and all(c in image_cols for c in got_image)
         assert [image_cols.index(c) for c in got_image] == sorted(image_cols.index(c) for c in got_image)
-        # Decoding: the new tokens get the unpruned model's positions (rope deltas are right).
+        # rope_deltas (position = text index + delta) grow by the number of dropped image tokens.
+        removed = int(full_img.sum()) - 5
+        assert int(pruned_deltas[row]) == int(full_deltas[row]) + removed
+        # Decoding: the new tokens get the unpruned model's positions.
         for step in (1, 2):
             assert torch.equal(pruned[step][1:, row], full[step][1:, row])
 

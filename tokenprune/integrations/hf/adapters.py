@@ -113,8 +113,11 @@ class VisionLanguageAdapter(ModelAdapter):
         raise NotImplementedError
 
     def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        """Keyword arguments that make the model use ``features`` instead of encoding images."""
-        raise NotImplementedError
+        """Keyword arguments that make the model use ``features`` (one ``[n_i, D]`` per image) instead
+        of encoding images: transformers 5's pre-computed ``mm_encoder_outputs``."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
     def block_size(self, image: ImageTokens) -> int:
         """Placeholder tokens the image occupies in the prompt (its tokens plus layout tokens)."""
@@ -198,10 +201,6 @@ class LlavaAdapter(VisionLanguageAdapter):
                                       extras=extras or None))
         return images
 
-    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
 @register_adapter("LlavaNextForConditionalGeneration")
@@ -294,10 +293,6 @@ class LlavaNextAdapter(LlavaAdapter):
         newline = self.model.model.image_newline.to(features.dtype)[None].expand(int(keep_newline.sum()), -1)
         return offsets, torch.cat([features, newline])[perm]
 
-    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
 @register_adapter("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
@@ -369,10 +364,6 @@ class QwenVLAdapter(VisionLanguageAdapter):
             start += n
         return images
 
-    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}}
 
     def pruned_kwargs(self, inputs: dict[str, Any], index: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
         input_ids = inputs["input_ids"]

@@ -362,3 +362,26 @@ def test_clip_probe_matches_eager_attention_weights(paths, name):
     for record, ref in zip(layers, reference):
         torch.testing.assert_close(record["attention"][:16], ref[0][:16], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(image.cls_attention[:16], reference[-2][0][:16], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("score", ["last", "text_mean"])
+@pytest.mark.parametrize("name", ["llava", "next", "qwen"])
+def test_fastv_selection_matches_eager_attention(paths, name, score):
+    """FastV's kept tokens = top-k of layer K-1's eager attention weights (last token, or the mean
+    over the text after the image), per image."""
+    eager, processor = load(paths, name, attn="eager")
+    adapter = get_adapter(eager)
+    inputs = inputs_for(processor, name)
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1: [B, H, L, L]
+    with tp.patch(eager, tp.FastV(layer=2, keep=4, impl="torch", score=score)) as handle:
+        with torch.no_grad():
+            eager(**inputs)
+    records = [r for r in handle.stats.records if r.kind == "llm"]
+    ids = inputs["input_ids"]
+    for record in records:
+        start, end = adapter.image_runs(ids[record.row])[record.image]
+        queries = slice(ids.shape[1] - 1, None) if score == "last" else slice(end, None)
+        weights = attentions[record.row, :, queries, start:end].float().mean(dim=(0, 1))
+        expected = torch.sort(torch.topk(weights, 4).indices).values
+        assert list(record.kept) == expected.tolist()

@@ -101,10 +101,10 @@ class FastVRuntime:
         q = rotary(q, q, cos[:, -q_len:], sin[:, -q_len:])[0]
         k = rotary(k, k, cos, sin)[1]
         padding = st.attention_mask.bool() if st.attention_mask is not None else None
-        if q_len == 1:
-            _, scores = attention_topk(q, k, 1, key_padding_mask=padding, scale=attn.scaling, impl=self.method.impl)
-        else:
+        if getattr(self.method, "score", "last") == "text_mean":
             scores = self._text_mean_scores(q, k, padding, attn.scaling)
+        else:
+            _, scores = attention_topk(q, k, 1, key_padding_mask=padding, scale=attn.scaling, impl=self.method.impl)
 
         call = self.handle.stats.new_call()
         kept_rows = []

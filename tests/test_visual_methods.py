@@ -251,3 +251,11 @@ def test_flowcut_final_layer_from_adapter():
     # Equivalent to the CLIP-rule reference with one more (unused) layer appended.
     padded = image.extras["flow_layers"] + [image.extras["flow_layers"][-1]]
     assert layers == 3 and kept.tolist() == _flowcut_reference(padded, 6)
+
+
+def test_incomplete_blocks_mean_no_layout():
+    image = ImageTokens(features=torch.randn(20, 4), blocks=[(0, 4, 4)])  # 4 tokens outside any grid
+    assert image.spatial_blocks() is None
+    assert tp.UniformGrid(keep=5).select(image).tolist() == [2, 6, 10, 14, 18]  # evenly along the sequence
+    image.cls_attention = torch.rand(20)
+    assert tp.HoloV(keep=5, crops=4).select(image).numel() == 5  # raster crops over all 20 tokens

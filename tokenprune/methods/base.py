@@ -169,9 +169,14 @@ class ImageTokens:
         return int(self.features.shape[0])
 
     def spatial_blocks(self) -> Optional[list[tuple[int, int, int]]]:
-        """The image's patch grids as ``[(start, rows, cols)]``, or ``None`` when it has no layout."""
+        """The image's patch grids as ``[(start, rows, cols)]`` covering all its tokens in order, or
+        ``None`` when it has no (complete) layout."""
         if self.blocks is not None:
-            return list(self.blocks)
+            starts = [0]
+            for _, rows, cols in self.blocks:
+                starts.append(starts[-1] + rows * cols)
+            contiguous = all(block[0] == start for block, start in zip(self.blocks, starts))
+            return list(self.blocks) if contiguous and starts[-1] == self.num_tokens else None
         if self.grid is not None and self.grid[0] * self.grid[1] == self.num_tokens:
             return [(0, int(self.grid[0]), int(self.grid[1]))]
         return None

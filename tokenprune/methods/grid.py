@@ -29,7 +29,7 @@ class UniformGrid(VisualPruner):
         n = image.num_tokens
         k = self.num_kept(n)
         blocks = image.spatial_blocks()
-        if blocks is None or sum(rows * cols for _, rows, cols in blocks) != n:
+        if blocks is None:
             picked = torch.tensor([int((i + 0.5) * n / k) for i in range(k)], dtype=torch.long)
         else:
             sizes = [rows * cols for _, rows, cols in blocks]

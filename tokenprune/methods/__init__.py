@@ -11,6 +11,11 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
+from tokenprune.methods.flowcut import FlowCut
+from tokenprune.methods.grid import UniformGrid
+from tokenprune.methods.holov import HoloV
+from tokenprune.methods.random import RandomPrune
+from tokenprune.methods.visionzip import VisionZip
 
 __all__ = [
     "Pruner",
@@ -22,4 +27,9 @@ __all__ = [
     "build",
     "DivPrune",
     "FastV",
+    "FlowCut",
+    "HoloV",
+    "RandomPrune",
+    "UniformGrid",
+    "VisionZip",
 ]

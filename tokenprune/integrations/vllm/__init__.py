@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 from tokenprune.integrations.vllm.config import (
@@ -136,6 +137,11 @@ def _register(eager: bool) -> None:
     elif _applied["config"] is not None:
         for arch, (_, original) in _OVERRIDES.items():
             ModelRegistry.register_model(arch, original)
+    # vLLM memoises model path + architecture -> class per process; an engine built before this
+    # call must not hand its class to the next one.
+    loader_utils = sys.modules.get("vllm.model_executor.model_loader.utils")
+    if loader_utils is not None and _applied["config"] != raw:
+        getattr(loader_utils, "_MODEL_ARCH_BY_HASH", {}).clear()
     _applied["config"] = raw
     _applied["registered"] = mode
 

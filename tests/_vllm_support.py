@@ -69,12 +69,19 @@ def reload_plugins() -> None:
 
 
 def engine_kwargs(**overrides):
-    """Small, deterministic CPU engine settings for the tiny fixtures."""
+    """Small, deterministic CPU engine settings for the tiny fixtures.
+
+    Prefix caching and chunked prefill are on, with a 256-token step: unpruned image runs (576
+    tokens) and batches of pruned ones are split across steps.
+    """
     kwargs = dict(
         enforce_eager=True,
         dtype="float32",
         max_model_len=1536,
         max_num_seqs=4,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=256,
         limit_mm_per_prompt={"image": 2},
         kv_cache_memory_bytes=96 << 20,
         seed=0,

@@ -145,6 +145,30 @@ def test_per_request_override(pruned, baseline, images):
     assert outs[2]["prompt_len"] == ref[2] - 2 * (N_IMAGE - 64)  # configured default
 
 
+def test_prefix_cache_reuses_pruned_prompts_and_never_mixes_budgets(pruned, images):
+    """The processor, encoder and KV prefix caches are keyed by the image hash, which includes
+    ``mm_processor_kwargs``: a repeated request hits the cache with the same output; the same image
+    under another budget does not reuse the first budget's image blocks."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+
+    def once(keep):
+        request = {"prompt": ONE_IMAGE, "multi_modal_data": {"image": images[2]}, "mm_processor_kwargs": {"tokenprune_keep": keep}}
+        out = pruned.generate([request], params, use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), out.num_cached_tokens or 0, len(out.prompt_token_ids)
+
+    assert pruned.reset_prefix_cache()
+    first, cached_first, length = once(300)
+    again, cached_again, _ = once(300)
+    assert length > 256 and cached_first == 0 and cached_again >= 128
+    assert again == first
+    other, cached_other, _ = once(200)
+    assert pruned.reset_prefix_cache()
+    fresh, _, _ = once(200)
+    assert cached_other == 0 and other == fresh  # the first block already holds image tokens
+
+
 def test_bad_per_request_budget_is_rejected(pruned, images):
     with pytest.raises(ValueError, match="tokenprune_keep"):
         run(pruned, build_requests(images, tokenprune_keep=0)[:1])

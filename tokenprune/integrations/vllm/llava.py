@@ -47,7 +47,6 @@ from vllm.multimodal.processing import InputProcessingContext, PromptReplacement
 from tokenprune.integrations.vllm.config import (
     ENV_VAR,
     HF_CONFIG_KEY,
-    REQUEST_KEEP_KEY,
     method_from_hf_config,
     request_keep,
 )
@@ -97,7 +96,9 @@ class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
     """
 
     def tokenprune_method(self) -> VisualPruner:
-        return configured_method(self.get_hf_config())
+        if not hasattr(self, "_tokenprune_method"):
+            self._tokenprune_method = configured_method(self.get_hf_config())
+        return self._tokenprune_method
 
     def get_num_kept_image_tokens(
         self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
@@ -112,11 +113,6 @@ class TokenpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     """Asks for exactly ``K`` placeholders per image and hands ``K`` to the model."""
 
     info: TokenpruneLlavaProcessingInfo
-
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        # The HF processor accepts **kwargs and would forward our key to the image processor.
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_KEY}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
 
     def _postprocess_hf_mm_data(
         self,

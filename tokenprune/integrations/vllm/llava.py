@@ -91,9 +91,15 @@ def _check_vision_tower(hf_config: Any) -> None:
 class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
     """LLaVA processing info that knows the configured method and resolves per-request budgets.
 
-    ``get_num_image_tokens`` keeps returning the unpruned count ``N``: vLLM sizes its encoder
-    cache from it (``get_max_image_tokens``), and a request may ask for any budget up to ``N``.
+    ``get_num_image_tokens`` keeps returning the unpruned count ``N``, and so does the per-item
+    maximum vLLM sizes its encoder cache and input validation with: a request may ask for any
+    budget up to ``N``.
     """
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # Without this vLLM measures the maximum on a dummy image processed with the *configured*
+        # budget and then rejects requests whose per-request budget is larger.
+        return {"image": self.get_max_image_tokens()}
 
     def tokenprune_method(self) -> VisualPruner:
         if not hasattr(self, "_tokenprune_method"):

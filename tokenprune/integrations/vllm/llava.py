@@ -47,6 +47,7 @@ from vllm.multimodal.processing import InputProcessingContext, PromptReplacement
 from tokenprune.integrations.vllm.config import (
     ENV_VAR,
     HF_CONFIG_KEY,
+    REQUEST_KEEP_KEY,
     method_from_hf_config,
     request_keep,
 )
@@ -119,6 +120,11 @@ class TokenpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     """Asks for exactly ``K`` placeholders per image and hands ``K`` to the model."""
 
     info: TokenpruneLlavaProcessingInfo
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # The per-request budget is ours; transformers would warn about it on every request.
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_KEY}
+        return super()._call_hf_processor(hf_data, hf_kwargs)
 
     def _postprocess_hf_mm_data(
         self,

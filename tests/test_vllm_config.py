@@ -161,10 +161,29 @@ def test_bad_config_fails_at_engine_start_and_changes_nothing(config_env, tiny_l
     assert registered_target("LlavaForConditionalGeneration") == VLLM_LLAVA
 
 
+def _register_cls_test_method() -> str:
+    """A method that needs the vision [CLS] attention (as HoloV/VisionZip do): keep the tokens
+    [CLS] attends to most."""
+    from tokenprune.methods.base import ScoredVisualPruner, available_methods, register
+
+    name = "test_cls_topk"
+    if name not in available_methods():
+
+        @register(name)
+        @dataclass
+        class ClsTopK(ScoredVisualPruner):
+            requires = frozenset({"cls_attention"})
+
+            def score(self, image):
+                return image.cls_attention
+
+    return name
+
+
 @pytest.mark.vllm
 def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
-    """No environment: ``hf_overrides`` selects the pruned class and the budget for this engine;
-    a bad value there fails the engine start."""
+    """No environment: ``hf_overrides`` selects the pruned class and the method for this engine
+    (here one that needs [CLS] attention, computed in the worker); a bad value fails the start."""
     from vllm import SamplingParams
 
     from tokenprune.fixtures import make_image
@@ -174,13 +193,20 @@ def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
             tiny_llava_path,
             hf_overrides={"architectures": ["TokenpruneLlavaForConditionalGeneration"], "tokenprune": {"method": "divprune", "keep": 0}},
         )
-    llm = make_llm(tiny_llava_path, hf_overrides=tpv.tokenprune_overrides(tp.DivPrune(keep=4)))
+    method = {"method": _register_cls_test_method(), "keep": 4}
+    llm = make_llm(tiny_llava_path, hf_overrides=tpv.tokenprune_overrides(method))
     try:
         prompt = {"prompt": "USER: <image>\nDescribe it.\nASSISTANT:", "multi_modal_data": {"image": make_image(56)}}
         out = llm.generate([prompt, {**prompt, "mm_processor_kwargs": {"tokenprune_keep": 16}}],
                            SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
         assert len(out[1].prompt_token_ids) - len(out[0].prompt_token_ids) == 16 - 4
         assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+
+        def inspect(model):
+            return type(model).__name__, model._cls_probe is not None, model.tokenprune_stats.calls
+
+        name, has_probe, calls = llm.apply_model(inspect)[0]
+        assert name == "TokenpruneLlavaForConditionalGeneration" and has_probe and calls >= 1
     finally:
         shutdown(llm)
     assert json.loads(json.dumps(tpv.tokenprune_overrides(tp.DivPrune(keep=4))))  # JSON-able for --hf-overrides

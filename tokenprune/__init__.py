@@ -11,6 +11,7 @@ sentence-transformers are imported lazily by the parts that use them.
 from tokenprune.api import patch, prune
 from tokenprune.methods import (
     DivPrune,
+    DraftTree,
     FastV,
     ImageTokens,
     InLLMPruner,
@@ -41,4 +42,5 @@ __all__ = [
     "ImageTokens",
     "DivPrune",
     "FastV",
+    "DraftTree",
 ]

@@ -24,7 +24,7 @@ __all__ = ["RecyclingSource"]
 class RecyclingSource(DraftSource):
     name = "recycling"
 
-    def __init__(self, topk: int = 8, branching: Sequence[int] = (8, 4, 2, 2, 1, 1, 1, 1)):
+    def __init__(self, topk: int = 8, branching: Sequence[int] = (4, 2, 2, 1, 1, 1, 1, 1)):
         self.topk = topk
         self.branching = tuple(branching)
         self.next_tokens: Optional[torch.Tensor] = None  # [V, k] long, -1 = unknown

@@ -14,7 +14,8 @@ vLLM imports the class from the dotted path in ``model`` and calls ``TreeDrafter
 ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None)`` once per step
 (``vllm/v1/spec_decode/custom_class_proposer.py``, ``GPUModelRunner.propose_draft_token_ids``).
 The drafter's configuration is a :class:`tokenprune.DraftTree` given as JSON in the
-``TOKENPRUNE_DRAFT_TREE`` environment variable (default: n-gram lookup). Sources that need the
+``TOKENPRUNE_DRAFT_TREE`` environment variable (default: n-gram lookup); string entries of its
+``corpus`` are tokenized with the served model's tokenizer. Sources that need the
 target's logits (recycling) or a draft model are not available in this position and are refused.
 vLLM's rejection sampler makes the proposal lossless (greedy and sampling, one-hot draft q).
 """
@@ -86,7 +87,12 @@ class TreeDrafter:
         self.min_prob = float(os.environ.get("TOKENPRUNE_DRAFT_MIN_PROB", 0.1) if min_prob is None else min_prob)
         if not 0.0 <= self.min_prob <= 1.0:
             raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")
-        self.speculator = method.speculator()
+        tokenizer = None
+        if any(isinstance(doc, str) for doc in method.corpus):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(getattr(model_config, "tokenizer", None) or model_config.model)
+        self.speculator = method.speculator(tokenizer)
         self.proposed: list[int] = []  # chain length per request and step (statistics)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:

@@ -18,7 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/spec_tree_cpu.csv")
     parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens per prompt")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per kind")
+    parser.add_argument("--prompts", type=int, default=3, help="prompts per kind")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenprune"))

@@ -47,7 +47,7 @@ class DraftTree(Pruner):
 
     sources: tuple = ("ngram", "recycling")
     budget: int | str = "auto"
-    max_depth: int = 8
+    max_depth: int = 10
     max_width: int = 8
     max_budget: int = 32
     ngram_max: int = 3

@@ -1,7 +1,8 @@
 """Latency model of the target and the budget it implies (Sequoia / EAGLE-2 ``total_token=-1``).
 
 The time of one target forward over ``n`` tree tokens is measured once per model at a few sizes
-(interleaved repetitions, medians) and interpolated linearly. At every step the budget is the one
+(interleaved repetitions, the fastest kept: on a shared machine preemption adds spikes of several
+forwards' length to random samples, which the minimum ignores) and interpolated linearly. At every step the budget is the one
 that maximises expected tokens per second:
 
     N* = argmax_N (1 + sum_{i <= N} P(node i accepted)) / t(N + 1)
@@ -14,7 +15,6 @@ per-step form of Sequoia's hardware-aware argmin ``(d t_draft + t_target(m)) / E
 
 from __future__ import annotations
 
-import statistics
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -48,8 +48,8 @@ class LatencyModel:
         return max(t[i - 1] + slope * (n - s[i - 1]), 1e-9)
 
     @classmethod
-    def measure(cls, forward: Callable[[int], None], sizes: Sequence[int], repeats: int = 5) -> "LatencyModel":
-        """Time ``forward(n)`` for each size, repetitions interleaved across sizes, medians kept."""
+    def measure(cls, forward: Callable[[int], None], sizes: Sequence[int], repeats: int = 7) -> "LatencyModel":
+        """Time ``forward(n)`` for each size, repetitions interleaved across sizes, fastest kept."""
         sizes = sorted(set(int(n) for n in sizes))
         forward(sizes[0])  # warm-up (allocator, kernels)
         samples: dict[int, list[float]] = {n: [] for n in sizes}
@@ -58,7 +58,7 @@ class LatencyModel:
                 start = time.perf_counter()
                 forward(n)
                 samples[n].append(time.perf_counter() - start)
-        seconds = [statistics.median(samples[n]) for n in sizes]
+        seconds = [min(samples[n]) for n in sizes]
         # Enforce a non-decreasing cost curve: noise must not make a bigger tree look cheaper.
         for i in range(1, len(seconds)):
             seconds[i] = max(seconds[i], seconds[i - 1])

@@ -201,7 +201,9 @@ def test_method_validation_and_registry():
     assert "draft_tree" in tp.available_methods()
     m = tp.build("draft_tree", budget=4, sources=["ngram"])
     assert m.stage == "speculative" and m.sources == ("ngram",)
-    assert m.to_config()["budget"] == 4
+    config = m.to_config()
+    assert config["budget"] == 4 and config.pop("method") == "draft_tree"
+    assert tp.build("draft_tree", **config) == m  # the config round-trips
     with pytest.raises(ValueError, match="unknown source"):
         tp.DraftTree(sources=("magic",))
     with pytest.raises(ValueError, match="budget"):

@@ -115,7 +115,7 @@ def _count_forwards(model) -> tuple[list[int], Any]:
 
 
 def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]]] = None, max_new_tokens: int = 64,
-                       n_per_kind: int = 4, repeats: int = 3, cache_dir: Optional[str] = None, threads: int = 1,
+                       n_per_kind: int = 3, repeats: int = 3, cache_dir: Optional[str] = None, threads: int = 1,
                        verbose: bool = True) -> list[dict]:
     """Run the benchmark; one row per (prompt kind, configuration), plus the greedy baseline rows.
 

@@ -11,7 +11,7 @@ model of the target (Sequoia, Chen et al., 2024). See ``docs/speculative.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Optional
 
 from tokenprune.methods.base import Pruner, register
@@ -88,8 +88,8 @@ class DraftTree(Pruner):
         if model is not None and not isinstance(model, str):
             model = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
         corpus = [c if isinstance(c, str) else list(map(int, c)) for c in self.corpus]
-        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        return {"method": self.name, **fields, "sources": list(self.sources), "corpus": corpus, "draft_model": model}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"method": self.name, **values, "sources": list(self.sources), "corpus": corpus, "draft_model": model}
 
     def speculator(self, tokenizer: Optional[Any] = None):
         """The persistent :class:`~tokenprune.speculative.decode.TreeSpeculator` of this method.

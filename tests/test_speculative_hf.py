@@ -208,3 +208,27 @@ def test_errors(model):
         tree(model, torch.tensor([[1, 2]]), 4, tp.DraftTree(sources=("retrieval",), corpus=("some text",)))
     with pytest.raises(NotImplementedError, match="llama"):
         tp.patch(torch.nn.Linear(2, 2), tp.DraftTree())
+
+
+def test_fused_prefill_tree_cache_and_logits(model):
+    """Prefill + first tree in one forward: same logits as separate forwards, same cache as sequential."""
+    ids = prompts()[2]
+    ref = greedy(model, ids, 4)[0, ids.shape[1]:].tolist()
+    t = TokenTree(int(ids[0, -1]))
+    t.add_path(ref[:3])
+    t.add_path([ref[0], 9, 9])
+    target = HFTarget(model, transformers.DynamicCache(config=model.config))
+    with torch.no_grad():
+        logits = target.prefill_tree(ids[:, :-1], t)
+        full = model(torch.cat([ids, torch.tensor([ref[:3]])], 1)).logits[0, -4:]
+    path_nodes = t.path_to(t.child(t.child(t.child(0, ref[0]), ref[1]), ref[2]))
+    torch.testing.assert_close(logits[path_nodes], full, atol=1e-4, rtol=1e-4)
+    path, bonus = accept_greedy(t, logits, ids)
+    target.commit(path)
+    assert [t.tokens[i] for i in path[1:]] == ref[:3] and bonus == ref[3]
+    seq = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.cat([ids, torch.tensor([ref[:3]])], 1), past_key_values=seq, use_cache=True)
+    for a, b in zip(target.cache.layers, seq.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)

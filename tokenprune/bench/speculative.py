@@ -9,7 +9,7 @@ cached) on a synthetic corpus with the two regimes speculative decoding cares ab
 * *prose*: samples of a sparse random Markov chain (each token has three likely successors), so
   the next token is predictable only from local statistics.
 
-For each prompt kind, source and budget it reports the target forwards per generated token, the
+For each decoding mode (greedy, sampling), prompt kind, source and budget it reports the target forwards per generated token, the
 tokens per target forward, the wall-clock speedup over ``model.generate(do_sample=False)``
 (baseline and method interleaved, medians over repetitions) and whether the output was identical.
 Transformers' own prompt-lookup decoding (``prompt_lookup_num_tokens``) runs on the same prompts.
@@ -116,7 +116,7 @@ def _count_forwards(model) -> tuple[list[int], Any]:
 
 def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]]] = None, max_new_tokens: int = 64,
                        n_per_kind: int = 3, repeats: int = 3, cache_dir: Optional[str] = None, threads: int = 1,
-                       verbose: bool = True) -> list[dict]:
+                       modes: Sequence[str] = ("greedy", "sample"), verbose: bool = True) -> list[dict]:
     """Run the benchmark; one row per (prompt kind, configuration), plus the greedy baseline rows.
 
     Args:
@@ -126,7 +126,12 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
         n_per_kind: prompts per kind (repeat, code, prose).
         repeats: timed repetitions (interleaved with the baseline); medians are reported.
         threads: torch intra-op threads while timing (1 on a shared machine).
+        modes: ``"greedy"`` (output must be identical) and/or ``"sample"`` (the generation config's
+            default sampling; same seeds for every configuration).
     """
+    for mode in modes:
+        if mode not in ("greedy", "sample"):
+            raise ValueError(f"modes must be among 'greedy', 'sample', got {mode!r}")
     import transformers
 
     import tokenprune as tp
@@ -134,6 +139,7 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    hook = None
     try:
         if model is None:
             model = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose)
@@ -155,62 +161,66 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
             return time.perf_counter() - start, out, counter[0]
 
         rows = []
-        for kind, kind_prompts in prompts.items():
-            methods = {}
-            for label, cfg in configs:
-                if cfg == "prompt_lookup":
-                    methods[label] = None
-                else:
-                    cfg = dict(cfg)
-                    if "retrieval" in cfg.get("sources", ()):
-                        cfg["corpus"] = tuple(corpus[kind])
-                    methods[label] = tp.DraftTree(**cfg)
-            base_times, base_fwd, base_new = [], 0, 0
-            per = {label: dict(times=[], forwards=0, new=0, exact=True) for label, _ in configs}
-            for ids in kind_prompts:
-                greedy = lambda: model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)  # noqa: E731
-                ref = greedy()
-                for label, method in methods.items():  # warm-up: latency model, recycling table
-                    if method is not None:
-                        model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=tree_generate,
-                                       draft_tree=method)
-                for r in range(repeats):
-                    t, out, f = timed(greedy)
-                    base_times.append(t)
-                    if r == 0:
-                        base_fwd += f
-                        base_new += out.shape[1] - ids.shape[1]
-                    for label, method in methods.items():
-                        if method is None:
-                            fn = lambda: model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,  # noqa: E731
-                                                        prompt_lookup_num_tokens=10)
-                        else:
-                            fn = lambda: model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,  # noqa: E731
-                                                        custom_generate=tree_generate, draft_tree=method)
-                        t_m, out_m, f_m = timed(fn)
-                        p = per[label]
-                        p["times"].append(t_m / t)  # ratio to the interleaved baseline run
+        for mode in modes:
+            sample = mode == "sample"
+            for kind, kind_prompts in prompts.items():
+                methods = {}
+                for label, cfg in configs:
+                    if cfg == "prompt_lookup":
+                        methods[label] = None
+                    else:
+                        cfg = dict(cfg)
+                        if "retrieval" in cfg.get("sources", ()):
+                            cfg["corpus"] = tuple(corpus[kind])
+                        methods[label] = tp.DraftTree(**cfg)
+                base_fwd, base_new = 0, 0
+                per = {label: dict(times=[], forwards=0, new=0, exact=True) for label, _ in configs}
+                for i, ids in enumerate(kind_prompts):
+                    def run(extra: dict, seed: int = 0, ids=ids) -> torch.Tensor:
+                        torch.manual_seed(seed)  # sampling: same seeds for every configuration
+                        return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, **extra)
+
+                    ref = run({})
+                    for method in methods.values():  # warm-up: latency model, recycling table
+                        if method is not None:
+                            model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=tree_generate,
+                                           draft_tree=method)
+                    for r in range(repeats):
+                        t, out, f = timed(lambda: run({}, r))
                         if r == 0:
-                            p["forwards"] += f_m
-                            p["new"] += out_m.shape[1] - ids.shape[1]
-                            p["exact"] &= torch.equal(out_m, ref)
-            rows.append(dict(meta, prompt_kind=kind, config="greedy", source="none", budget="",
-                             forwards_per_token=base_fwd / base_new, tokens_per_forward=base_new / base_fwd,
-                             speedup=1.0, identical=True))
-            for label, cfg in configs:
-                p = per[label]
-                rows.append(dict(
-                    meta, prompt_kind=kind, config=label,
-                    source="prompt_lookup(hf)" if cfg == "prompt_lookup" else "+".join(cfg["sources"]),
-                    budget=10 if cfg == "prompt_lookup" else cfg["budget"],
-                    forwards_per_token=p["forwards"] / p["new"], tokens_per_forward=p["new"] / p["forwards"],
-                    speedup=1.0 / statistics.median(p["times"]), identical=p["exact"]))
-                if verbose:
-                    r = rows[-1]
-                    print(f"{kind:7s} {label:22s} fwd/tok {r['forwards_per_token']:.3f} "
-                          f"tok/fwd {r['tokens_per_forward']:.2f} speedup {r['speedup']:.2f}x "
-                          f"identical {r['identical']}", flush=True)
-        hook.remove()
+                            base_fwd += f
+                            base_new += out.shape[1] - ids.shape[1]
+                        for label, method in methods.items():
+                            extra = (dict(prompt_lookup_num_tokens=10) if method is None
+                                     else dict(custom_generate=tree_generate, draft_tree=method))
+                            t_m, out_m, f_m = timed(lambda: run(extra, r))
+                            p = per[label]
+                            p["times"].append(t_m / t)  # ratio to the interleaved baseline run
+                            if r == 0:
+                                p["forwards"] += f_m
+                                p["new"] += out_m.shape[1] - ids.shape[1]
+                                p["exact"] &= torch.equal(out_m, ref)
+                common = dict(meta, mode=mode, prompt_kind=kind)
+                rows.append(dict(common, config=mode, source="none", budget="",
+                                 forwards_per_token=base_fwd / base_new, tokens_per_forward=base_new / base_fwd,
+                                 speedup=1.0, identical=True if not sample else ""))
+                for label, cfg in configs:
+                    p = per[label]
+                    rows.append(dict(
+                        common, config=label,
+                        source="prompt_lookup(hf)" if cfg == "prompt_lookup" else "+".join(cfg["sources"]),
+                        budget=10 if cfg == "prompt_lookup" else cfg["budget"],
+                        forwards_per_token=p["forwards"] / p["new"], tokens_per_forward=p["new"] / p["forwards"],
+                        speedup=1.0 / statistics.median(p["times"]),
+                        # sampled outputs differ draw by draw (same law); exactness is a greedy property
+                        identical=p["exact"] if not sample else ""))
+                    if verbose:
+                        row = rows[-1]
+                        print(f"{mode:6s} {kind:7s} {label:22s} fwd/tok {row['forwards_per_token']:.3f} "
+                              f"tok/fwd {row['tokens_per_forward']:.2f} speedup {row['speedup']:.2f}x "
+                              f"identical {row['identical']}", flush=True)
         return rows
     finally:
+        if hook is not None:
+            hook.remove()
         torch.set_num_threads(previous_threads)

@@ -7,7 +7,9 @@ A *target* is anything with four methods (the HF implementation is
 * ``verify(tree) -> logits [N, V]``: one forward over the tree (ancestor mask, depth positions)
   on top of the committed prefix;
 * ``commit(nodes)``: keep the prefix plus the KV of ``nodes`` (root first), drop the rest;
-* ``prefix_len``: committed positions in the cache.
+* ``prefix_len``: committed positions in the cache;
+* optionally ``prefill_tree(ids [1, L - 1], tree) -> logits [N, V]``: prefill and verify a first tree
+  rooted at the last prompt token in the same forward (one forward fewer per call).
 
 :class:`TreeSpeculator` holds the sources and the latency model, which persist across ``generate``
 calls (the recycling table warms up, the latency model is measured once per target model).
@@ -29,6 +31,8 @@ from tokenprune.speculative.verify import Processor, accept_greedy, accept_sampl
 __all__ = ["TreeSpeculator", "SpecStats", "speculative_generate"]
 
 LATENCY_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Longest prompt whose prefill also verifies the first tree (its mask is [L + N, L + N]).
+FUSED_PREFILL_MAX = 4096
 
 
 @dataclass
@@ -167,15 +171,24 @@ def speculative_generate(target: Any, speculator: TreeSpeculator, input_ids: tor
             return int(torch.multinomial(torch.softmax(scores[0].double().cpu(), -1).float(), 1, generator=generator))
         return int(scores[0].argmax())
 
-    stats.forwards += 1
-    if emit(pick(target.prefill(ids))):
-        return ids
+    first_forward = None
+    known_latency = speculator.budget != "auto" or latency_key in speculator.latency
+    if ids.shape[1] >= 2 and known_latency and hasattr(target, "prefill_tree") and ids.shape[1] <= FUSED_PREFILL_MAX:
+        # The last prompt token is already a root: verify the first tree inside the prefill forward
+        # (as HF assisted decoding does with its first candidates), saving one target forward.
+        def first_forward(tree: TokenTree) -> torch.Tensor:
+            return target.prefill_tree(ids[:, :-1], tree)
+    else:
+        stats.forwards += 1
+        if emit(pick(target.prefill(ids))):
+            return ids
     latency = speculator.latency_model(latency_key, target) if speculator.budget == "auto" else None
     while True:
         # Each step emits the accepted drafts plus one bonus token: never draft past max_length.
         depth_cap = max(max_length - ids.shape[1] - 1, 0) if max_length is not None else None
         candidates, tree = speculator.draft(ids[0].tolist(), depth_cap, latency)
-        logits = target.verify(tree)
+        logits = first_forward(tree) if first_forward is not None else target.verify(tree)
+        first_forward = None
         stats.forwards += 1
         speculator.observe(tree, logits)
         if do_sample:

@@ -69,8 +69,30 @@ class HFTarget:
         self.prefix_len = ids.shape[1]
         return out.logits[0, -1]
 
+    def prefill_tree(self, ids: torch.Tensor, tree: TokenTree) -> torch.Tensor:
+        """One forward over the prompt minus its last token (causal) and a tree rooted at that token."""
+        p, n = ids.shape[1], len(tree)
+        dtype = self._mask_dtype()
+        mask = torch.full((p + n, p + n), torch.finfo(dtype).min, dtype=dtype)
+        mask[:p, :p].triu_(1)  # causal prompt block: 0 on and below the diagonal
+        mask[p:] = tree.attention_mask(p, dtype=dtype)[0, 0]
+        out = self.model(
+            input_ids=torch.cat([ids[0], tree.token_tensor(ids.device)])[None],
+            position_ids=torch.cat([torch.arange(p, device=ids.device), tree.position_ids(p, ids.device)])[None],
+            attention_mask=mask.to(self.device)[None, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=n,
+        )
+        check_cache(self.cache)
+        self.prefix_len = p
+        return out.logits[0]
+
+    def _mask_dtype(self) -> torch.dtype:
+        return self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+
     def verify(self, tree: TokenTree) -> torch.Tensor:
-        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        dtype = self._mask_dtype()
         out = self.model(
             input_ids=tree.token_tensor(self.device)[None],
             position_ids=tree.position_ids(self.prefix_len, self.device)[None],

@@ -2,7 +2,7 @@
 
 No pretrained language model can be downloaded here, and a random model neither copies nor
 continues text, so the benchmark trains a small Llama once (seeded, a few minutes on two CPU cores,
-cached) on a synthetic corpus with the two regimes speculative decoding cares about:
+cached; and a smaller one as the draft model) on a synthetic corpus with the two regimes speculative decoding cares about:
 
 * *repetitive / code-like*: a random motif repeated (the model must copy from its context,
   which needs induction heads), optionally with a few edited tokens;
@@ -33,6 +33,9 @@ __all__ = ["run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFI
 
 VOCAB = 64
 SEQ = 96
+# marker in a config: the benchmark's own draft model (same recipe, hidden 32, 1000 steps)
+BENCH_DRAFT = "<bench-draft>"
+DRAFT_RECIPE = dict(steps=1000, hidden=32, layers=2)
 
 # (label, DraftTree kwargs or a special marker)
 DEFAULT_CONFIGS: list[tuple[str, Any]] = [
@@ -45,6 +48,8 @@ DEFAULT_CONFIGS: list[tuple[str, Any]] = [
     ("ngram+recycling-b16", dict(sources=("ngram", "recycling"), budget=16)),
     ("ngram+recycling-auto", dict(sources=("ngram", "recycling"), budget="auto")),
     ("retrieval+ngram-auto", dict(sources=("retrieval", "ngram"), budget="auto")),
+    ("draft-b16", dict(sources=("draft_model",), budget=16, draft_model=BENCH_DRAFT)),
+    ("ngram+draft-auto", dict(sources=("ngram", "draft_model"), budget="auto", draft_model=BENCH_DRAFT)),
 ]
 
 
@@ -144,6 +149,10 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
         if model is None:
             model = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose)
         configs = list(DEFAULT_CONFIGS if configs is None else configs)
+        draft = None
+        if any(isinstance(c, dict) and c.get("draft_model") == BENCH_DRAFT for _, c in configs):
+            draft = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose,
+                                  **DRAFT_RECIPE)
         prompts = make_prompts(n_per_kind)
         corpus = {kind: [p[0].tolist() for p in make_prompts(n_per_kind, length=SEQ, seed=999)[kind]]
                   for kind in prompts}
@@ -172,6 +181,8 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
                         cfg = dict(cfg)
                         if "retrieval" in cfg.get("sources", ()):
                             cfg["corpus"] = tuple(corpus[kind])
+                        if cfg.get("draft_model") == BENCH_DRAFT:
+                            cfg["draft_model"] = draft
                         methods[label] = tp.DraftTree(**cfg)
                 base_fwd, base_new = 0, 0
                 per = {label: dict(times=[], forwards=0, new=0, exact=True) for label, _ in configs}

@@ -176,8 +176,8 @@ def speculative_generate(target: Any, speculator: TreeSpeculator, input_ids: tor
     if ids.shape[1] >= 2 and known_latency and hasattr(target, "prefill_tree") and ids.shape[1] <= FUSED_PREFILL_MAX:
         # The last prompt token is already a root: verify the first tree inside the prefill forward
         # (as HF assisted decoding does with its first candidates), saving one target forward.
-        def first_forward(tree: TokenTree) -> torch.Tensor:
-            return target.prefill_tree(ids[:, :-1], tree)
+        def first_forward(tree: TokenTree, prompt: torch.Tensor = input_ids) -> torch.Tensor:
+            return target.prefill_tree(prompt[:, :-1], tree)
     else:
         stats.forwards += 1
         if emit(pick(target.prefill(ids))):

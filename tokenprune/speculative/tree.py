@@ -133,14 +133,16 @@ class TokenTree:
         return torch.tensor(self.depths, dtype=torch.long, device=device)
 
     def ancestor_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """``[N, N]`` bool: row i is True at i and at every ancestor of i (``M[i] = M[p(i)] | e_i``)."""
+        """``[N, N]`` bool: row i is True at i and at every ancestor of i (``M[i] = M[p(i)] | e_i``),
+        built by walking all rows up one level at a time (``max depth`` vector steps)."""
         n = len(self)
+        rows = torch.arange(n)
+        up = torch.tensor(self.parents, dtype=torch.long).clamp_(min=0)  # the root is its own parent
         mask = torch.zeros(n, n, dtype=torch.bool)
-        for i in range(n):
-            p = self.parents[i]
-            if p >= 0:
-                mask[i] = mask[p]
-            mask[i, i] = True
+        current = rows
+        for _ in range(max(self.depths) + 1):
+            mask[rows, current] = True
+            current = up[current]
         return mask.to(device)
 
     def position_ids(self, prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -79,12 +79,8 @@ class DraftModelSource(DraftSource):
     def _tree_logp(self, tree: TokenTree, nodes: list[int], fed: list[int]) -> torch.Tensor:
         """Draft log-probs ``[len(nodes), V]`` after each of ``nodes`` (fed after ``fed``)."""
         prefix = len(self.seen)
-        columns = fed + nodes
-        allowed = torch.zeros(len(nodes), len(columns), dtype=torch.bool)
-        for r, node in enumerate(nodes):
-            ancestors = set(tree.path_to(node)[1:])  # the root is already in the prefix
-            for c, col in enumerate(columns):
-                allowed[r, c] = col in ancestors
+        # the root is already in the prefix; fed and new nodes attend to their own ancestors only
+        allowed = tree.ancestor_mask()[nodes][:, fed + nodes]
         ids = torch.tensor([[tree.tokens[n] for n in nodes]], device=self.device)
         pos = torch.tensor([[prefix - 1 + tree.depths[n] for n in nodes]], device=self.device)
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask(prefix, allowed),

@@ -31,6 +31,23 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {args.out}")
+    print(markdown(rows))
+
+
+def markdown(rows: list) -> str:
+    """Pivot table: one line per configuration, 'tokens per forward / speedup' per mode and prompt kind."""
+    columns = sorted({(r["mode"], r["prompt_kind"]) for r in rows}, key=lambda c: (c[0] != "greedy", c[1]))
+    configs = list(dict.fromkeys(r["config"] if r["source"] != "none" else "baseline" for r in rows))
+    cell = {((r["config"] if r["source"] != "none" else "baseline"), r["mode"], r["prompt_kind"]): r for r in rows}
+    lines = ["| config | " + " | ".join(f"{m} {k}" for m, k in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for config in configs:
+        values = []
+        for m, k in columns:
+            r = cell.get((config, m, k))
+            values.append("" if r is None else f"{float(r['tokens_per_forward']):.2f} / {float(r['speedup']):.2f}x")
+        lines.append(f"| {config} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ then reranks all of them to the budget.
 The draft keeps a KV cache of the committed sequence between calls (it re-feeds only tokens it has
 not seen); the tree positions are dropped after each call.
 
-:meth:`rescore` implements RASD's pruning of retrieved branches by the draft's distribution
-(Quan et al., 2025): one draft forward over a merged tree replaces every edge's estimate with the
-draft's log-probability, so retrieved and drafted nodes compete on one scale.
+:meth:`rescore` implements RASD's scoring of retrieved branches by the draft's distribution
+(Quan et al., 2025): one draft forward over a merged tree gives every edge the draft's
+log-probability (kept when it beats the source's estimate), so retrieved and drafted nodes compete
+on one scale before the budget prunes them.
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ class DraftModelSource(DraftSource):
         return tree
 
     def rescore(self, tree: TokenTree, context: Sequence[int]) -> TokenTree:
-        """``tree`` with every edge log-prob replaced by the draft's (RASD-style scoring)."""
+        """``tree`` with every edge scored by the draft (RASD-style), keeping the larger of the
+        draft's log-prob and the source's estimate: the draft promotes retrieved branches it agrees
+        with, and a draft that cannot copy does not demote confident lookups (measured: replacing
+        the estimates outright cut n-gram acceptance on repetitive text by 5x with a weak draft)."""
         if len(tree) == 1:
             return tree
         if self.seen != [int(t) for t in context]:
@@ -127,5 +131,5 @@ class DraftModelSource(DraftSource):
         for i in nodes:
             p = tree.parents[i]
             row = self.root_logp if p == 0 else logp[p - 1]
-            out.add(p, tree.tokens[i], float(row[tree.tokens[i]]))  # same topological order: same indices
+            out.add(p, tree.tokens[i], max(float(row[tree.tokens[i]]), tree.logq[i]))  # same order: same indices
         return out

@@ -117,7 +117,8 @@ class DraftModelSource(DraftSource):
         """``tree`` with every edge scored by the draft (RASD-style), keeping the larger of the
         draft's log-prob and the source's estimate: the draft promotes retrieved branches it agrees
         with, and a draft that cannot copy does not demote confident lookups (measured: replacing
-        the estimates outright cut n-gram acceptance on repetitive text by 5x with a weak draft)."""
+        the estimates outright cut tokens per forward from 10.7 to 1.5 on code-like text with a
+        weak draft, benchmarks/spec)."""
         if len(tree) == 1:
             return tree
         if self.seen != [int(t) for t in context]:

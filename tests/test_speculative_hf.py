@@ -232,3 +232,28 @@ def test_fused_prefill_tree_cache_and_logits(model):
     for a, b in zip(target.cache.layers, seq.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_processors_apply_along_each_path(model):
+    """Repetition penalty and min_new_tokens (EOS suppression) see each node's own path."""
+    method = tp.DraftTree(sources=("ngram", "recycling"), budget=12)
+    for ids in prompts()[2:4]:
+        kw = dict(repetition_penalty=1.8, no_repeat_ngram_size=3)
+        assert torch.equal(tree(model, ids, 30, method, **kw), greedy(model, ids, 30, **kw))
+        eos = int(greedy(model, ids, 3)[0, -1])
+        kw = dict(eos_token_id=eos, min_new_tokens=10)
+        assert torch.equal(tree(model, ids, 30, method, **kw), greedy(model, ids, 30, **kw))
+
+
+def test_return_dict_in_generate(model):
+    ids = prompts()[3]
+    out = tree(model, ids, 12, tp.DraftTree(budget=8), return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy(model, ids, 12))
+    # the cache holds every token but the last emitted one (the next root)
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    # also when EOS stops generation inside an accepted path of the target as its own draft
+    method = tp.DraftTree(sources=("draft_model",), draft_model=model, budget=8, max_depth=6, draft_topk=1)
+    eos = int(greedy(model, ids, 4)[0, -1])
+    out = tree(model, ids, 12, method, eos_token_id=eos, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, greedy(model, ids, 12, eos_token_id=eos))
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1

@@ -164,6 +164,10 @@ def tree_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, st
         max_length=generation_config.max_length,
         latency_key=id(model),
     )
+    # A stop inside an accepted path (EOS) leaves KV of tokens that were never emitted: drop it, so
+    # the cache holds exactly the sequence minus its last token, as after plain decoding.
+    if cache.get_seq_length() > sequences.shape[1] - 1:
+        keep_positions(cache, sequences.shape[1] - 1, [])
     if generation_config.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 

@@ -1,6 +1,7 @@
 """Speculative decoding benchmark (DraftTree vs greedy vs HF prompt lookup); writes a CSV.
 
     python benchmarks/spec/run.py [--out benchmarks/results/spec_tree_cpu.csv] [--tokens 64] [--repeats 3]
+    python benchmarks/spec/run.py --preset medium --out benchmarks/results/spec_tree_cpu_medium.csv
 """
 
 import argparse
@@ -11,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tokenprune.bench.speculative import run_spec_benchmark  # noqa: E402
+from tokenprune.bench.speculative import DEFAULT_CONFIGS, run_spec_benchmark  # noqa: E402
 
 
 def main() -> None:
@@ -21,10 +22,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3, help="prompts per kind")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "medium"], help="trained target model size")
+    parser.add_argument("--configs", default=None, help="comma-separated config labels (default: all)")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenprune"))
     args = parser.parse_args()
+    configs = None
+    if args.configs:
+        wanted = args.configs.split(",")
+        configs = [c for c in DEFAULT_CONFIGS if c[0] in wanted]
+        if len(configs) != len(wanted):
+            parser.error(f"--configs must be among {[c[0] for c in DEFAULT_CONFIGS]}")
     rows = run_spec_benchmark(max_new_tokens=args.tokens, n_per_kind=args.prompts, repeats=args.repeats,
-                              cache_dir=args.cache_dir, threads=args.threads)
+                              cache_dir=args.cache_dir, threads=args.threads, preset=args.preset, configs=configs)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -29,13 +29,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFIGS"]
+__all__ = ["run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFIGS", "PRESETS"]
 
 VOCAB = 64
 SEQ = 96
 # marker in a config: the benchmark's own draft model (same recipe, hidden 32, 1000 steps)
 BENCH_DRAFT = "<bench-draft>"
 DRAFT_RECIPE = dict(steps=1000, hidden=32, layers=2)
+# target model recipes: "medium" makes the forward costlier than the decoding loop's Python
+PRESETS = {"tiny": dict(steps=1500, hidden=64, layers=2), "medium": dict(steps=1500, hidden=128, layers=4)}
 
 # (label, DraftTree kwargs or a special marker)
 DEFAULT_CONFIGS: list[tuple[str, Any]] = [
@@ -121,19 +123,23 @@ def _count_forwards(model) -> tuple[list[int], Any]:
 
 def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]]] = None, max_new_tokens: int = 64,
                        n_per_kind: int = 3, repeats: int = 3, cache_dir: Optional[str] = None, threads: int = 1,
-                       modes: Sequence[str] = ("greedy", "sample"), verbose: bool = True) -> list[dict]:
+                       modes: Sequence[str] = ("greedy", "sample"), preset: str = "tiny",
+                       verbose: bool = True) -> list[dict]:
     """Run the benchmark; one row per (prompt kind, configuration), plus the greedy baseline rows.
 
     Args:
-        model: an HF causal LM (default: the trained benchmark Llama, cached in ``cache_dir``).
+        model: an HF causal LM (default: the trained benchmark Llama of ``preset``, cached in ``cache_dir``).
         configs: ``(label, DraftTree kwargs | "prompt_lookup")`` pairs (default :data:`DEFAULT_CONFIGS`).
         max_new_tokens: tokens generated per prompt.
         n_per_kind: prompts per kind (repeat, code, prose).
         repeats: timed repetitions (interleaved with the baseline); medians are reported.
         threads: torch intra-op threads while timing (1 on a shared machine).
+        preset: ``"tiny"`` (64 wide, 2 layers) or ``"medium"`` (128 wide, 4 layers) trained target.
         modes: ``"greedy"`` (output must be identical) and/or ``"sample"`` (the generation config's
             default sampling; same seeds for every configuration).
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     for mode in modes:
         if mode not in ("greedy", "sample"):
             raise ValueError(f"modes must be among 'greedy', 'sample', got {mode!r}")
@@ -147,7 +153,8 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
     hook = None
     try:
         if model is None:
-            model = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose)
+            model = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose,
+                                  **PRESETS[preset])
         configs = list(DEFAULT_CONFIGS if configs is None else configs)
         draft = None
         if any(isinstance(c, dict) and c.get("draft_model") == BENCH_DRAFT for _, c in configs):

@@ -11,6 +11,7 @@ sentence-transformers are imported lazily by the parts that use them.
 from tokenprune.api import patch, prune
 from tokenprune.methods import (
     DivPrune,
+    DraftTree,
     FastV,
     FlowCut,
     HoloV,
@@ -51,4 +52,5 @@ __all__ = [
     "RandomPrune",
     "UniformGrid",
     "VisionZip",
+    "DraftTree",
 ]

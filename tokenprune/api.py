@@ -18,6 +18,7 @@ PATCHERS: dict[str, str] = {
     "visual": "tokenprune.integrations.hf.model:patch_model",
     "llm": "tokenprune.integrations.hf.model:patch_model",
     "text": "tokenprune.integrations.hf.model:patch_model",
+    "speculative": "tokenprune.integrations.hf.speculative:patch_model",
 }
 
 # stage -> "module:function(args, kwargs) -> target or None" used by ``prune`` to find the object

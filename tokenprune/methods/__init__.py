@@ -16,6 +16,7 @@ from tokenprune.methods.grid import UniformGrid
 from tokenprune.methods.holov import HoloV
 from tokenprune.methods.random import RandomPrune
 from tokenprune.methods.visionzip import VisionZip
+from tokenprune.methods.draft_tree import DraftTree
 
 __all__ = [
     "Pruner",
@@ -32,4 +33,5 @@ __all__ = [
     "RandomPrune",
     "UniformGrid",
     "VisionZip",
+    "DraftTree",
 ]

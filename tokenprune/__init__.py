@@ -20,6 +20,7 @@ from tokenprune.methods import (
     available_methods,
     build,
 )
+from tokenprune.methods.context import ContextPruner
 from tokenprune.patching import PatchHandle, active_handle
 from tokenprune.stats import PruneRecord, PruneStats
 
@@ -41,4 +42,5 @@ __all__ = [
     "ImageTokens",
     "DivPrune",
     "FastV",
+    "ContextPruner",
 ]

@@ -11,6 +11,7 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
+from tokenprune.methods.context import ContextPruner
 
 __all__ = [
     "Pruner",
@@ -22,4 +23,5 @@ __all__ = [
     "build",
     "DivPrune",
     "FastV",
+    "ContextPruner",
 ]

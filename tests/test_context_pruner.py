@@ -176,6 +176,19 @@ def test_bad_arguments(kwargs, exc):
         tp.ContextPruner(**kwargs)
 
 
+def test_bad_scorer_arguments():
+    from tokenprune.methods.context import BiEncoderScorer, CrossEncoderScorer, ProvenceScorer
+
+    with pytest.raises(ValueError, match="passage_exponent"):
+        BiEncoderScorer(passage_exponent=-1)
+    with pytest.raises(ValueError, match="sentence_exponent"):
+        CrossEncoderScorer(model="x", sentence_exponent=float("inf"))
+    with pytest.raises(ValueError, match="batch_size"):
+        BiEncoderScorer(batch_size=0)
+    with pytest.raises(ValueError, match="max_length"):
+        ProvenceScorer(model="x", max_length=4)
+
+
 def test_bad_inputs():
     p = pruner()
     with pytest.raises(TypeError):
@@ -195,3 +208,15 @@ def test_registry_and_config():
     config = p.to_config()
     assert config["method"] == "context" and config["threshold"] == 0.3 and config["scorer"] == "bi-encoder"
     assert tp.build(config.pop("method"), **config) == p
+
+
+def test_adaptive_keep_scores_by_hand():
+    from tokenprune.methods.context.scorers.base import adaptive_keep_scores
+
+    keep = adaptive_keep_scores([[0.8, 0.4], [0.4, 0.1], [-0.2], []])
+    # passage 0 is the best: gate 1; 0.4/0.8 = 0.5 -> sqrt = 0.7071
+    # passage 1: gate (0.4/0.8)^2 = 0.25; sentence 1: sqrt(0.1/0.4) * 0.25 = 0.125
+    assert keep[0] == pytest.approx([1.0, 0.5**0.5])
+    assert keep[1] == pytest.approx([0.25, 0.125])
+    assert keep[2] == [0.0] and keep[3] == []
+    assert adaptive_keep_scores([[0.8, 0.4], [0.4]], passage_exponent=0)[1] == [1.0]

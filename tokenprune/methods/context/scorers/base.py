@@ -26,7 +26,7 @@ __all__ = [
     "available_scorers",
     "build_scorer",
     "windows",
-    "relative_to_best",
+    "adaptive_keep_scores",
 ]
 
 _SCORERS: dict[str, type["SentenceScorer"]] = {}
@@ -158,14 +158,37 @@ def windows(
     return out
 
 
-def relative_to_best(raw: Sequence[float]) -> list[float]:
-    """Adaptive keep scores: each sentence's raw score divided by the passage's best one.
+def adaptive_keep_scores(
+    raw: Sequence[Sequence[float]], sentence_exponent: float = 0.5, passage_exponent: float = 2.0
+) -> list[list[float]]:
+    """Adaptive keep scores of the passages retrieved for one question, from raw sentence scores.
 
-    The best sentence scores 1; a sentence half as similar scores 0.5; negative similarities
-    score 0. When no sentence has a positive score every sentence scores 0 (the pruner then keeps
-    only ``min_sentences``).
+    ``raw[p][i]`` is the raw score (cosine similarity, probability; higher = more relevant) of
+    sentence ``i`` of passage ``p``. With ``best_p`` the best raw score of passage ``p`` and
+    ``best`` the best over all passages of the question::
+
+        keep[p][i] = (raw[p][i] / best_p) ** sentence_exponent * (best_p / best) ** passage_exponent
+
+    clipped to [0, 1]. The first factor is relative to the passage's best sentence (how much of
+    the passage is about as relevant as its best part); the second is the passage's relevance
+    relative to the best retrieved passage, so passages far below the best one are pruned down to
+    ``min_sentences``. ``passage_exponent=0`` gives a purely per-passage rule. The best sentence
+    of the best passage scores 1; non-positive raw scores score 0.
     """
-    best = max(raw, default=0.0)
-    if not best > 0 or not math.isfinite(best):
-        return [0.0 for _ in raw]
-    return [min(1.0, max(0.0, r / best)) for r in raw]
+    flat = [r for group in raw for r in group]
+    best = max(flat, default=0.0)
+    out = []
+    for group in raw:
+        best_p = max(group, default=0.0)
+        if not (best > 0 and best_p > 0 and math.isfinite(best)):
+            out.append([0.0 for _ in group])
+            continue
+        gate = (best_p / best) ** passage_exponent
+        out.append([min(1.0, (max(0.0, r) / best_p) ** sentence_exponent * gate) for r in group])
+    return out
+
+
+def _check_exponents(sentence_exponent: float, passage_exponent: float) -> None:
+    for name, value in (("sentence_exponent", sentence_exponent), ("passage_exponent", passage_exponent)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

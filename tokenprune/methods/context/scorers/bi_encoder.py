@@ -5,10 +5,11 @@ offline). The question and every sentence are embedded independently (sentence-t
 Reimers & Gurevych 2019), so a passage costs one short forward per sentence and nothing is
 re-encoded per question/passage pair.
 
-Keep score (adaptive threshold): cosine similarity divided by the best sentence's similarity in
-the same passage (:func:`~tokenprune.methods.context.scorers.base.relative_to_best`), so the
-amount pruned follows how much of the passage is as relevant as its best sentence. Rerank
-score: the best sentence's cosine similarity.
+Keep score (adaptive threshold, :func:`~tokenprune.methods.context.scorers.base.adaptive_keep_scores`):
+the sentence's cosine similarity relative to its passage's best sentence, times the passage's
+best similarity relative to the best retrieved passage, so the amount pruned follows how much of
+each passage is about as relevant as its best part, and passages far below the best one shrink to
+``min_sentences``. Rerank score: the passage's best sentence cosine similarity.
 
 Sentences (or questions) longer than the model's ``max_seq_length`` are cut into overlapping
 windows; a sentence's similarity is the best over its windows (and over the question's).
@@ -23,11 +24,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from tokenprune.methods.context.scorers.base import (
+    _check_exponents,
     PassageInput,
     PassageScores,
     SentenceScorer,
+    adaptive_keep_scores,
     register_scorer,
-    relative_to_best,
     windows,
 )
 
@@ -62,16 +64,21 @@ class BiEncoderScorer(SentenceScorer):
     model: path of a sentence-transformers model; ``None`` = the offline all-MiniLM-L6-v2.
     device: torch device for the model.
     batch_size: texts per forward.
+    sentence_exponent, passage_exponent: shape of the adaptive keep score
+        (:func:`~tokenprune.methods.context.scorers.base.adaptive_keep_scores`).
     """
 
     #: tuned on the dev split of benchmarks/rag (docs/context_pruning.md).
-    default_threshold = 0.7
+    default_threshold = 0.6
 
     model: Optional[str] = None
     device: str = "cpu"
     batch_size: int = 64
+    sentence_exponent: float = 0.5
+    passage_exponent: float = 2.0
 
     def __post_init__(self) -> None:
+        _check_exponents(self.sentence_exponent, self.passage_exponent)
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a path (str) or None, got {type(self.model).__name__}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -122,10 +129,10 @@ class BiEncoderScorer(SentenceScorer):
             )
             sent_cursor += n
             raw_all = per_sentence.tolist()
-            result, k = [], 0
+            raw, k = [], 0
             for p in group:
-                raw = raw_all[k : k + len(p.sentences)]
+                raw.append(raw_all[k : k + len(p.sentences)])
                 k += len(p.sentences)
-                result.append(PassageScores(relative_to_best(raw), raw, max(raw, default=float("-inf"))))
-            out.append(result)
+            keep = adaptive_keep_scores(raw, self.sentence_exponent, self.passage_exponent)
+            out.append([PassageScores(kp, r, max(r, default=float("-inf"))) for kp, r in zip(keep, raw)])
         return out

@@ -2,8 +2,9 @@
 pair jointly and outputs a relevance probability (Nogueira & Cho 2019, "Passage re-ranking with
 BERT"). More accurate than a bi-encoder, one joint forward per sentence and question.
 
-Keep score: the sentence's probability divided by the passage's best one (adaptive, as for the
-bi-encoder). Rerank score: the best sentence probability. A sentence too long to fit beside the
+Keep score: the adaptive rule of the bi-encoder on the probabilities
+(:func:`~tokenprune.methods.context.scorers.base.adaptive_keep_scores`; the default threshold is
+not tuned: no real cross-encoder checkpoint is available offline). Rerank score: the best sentence probability. A sentence too long to fit beside the
 question in ``max_length`` tokens is cut into overlapping windows; its probability is the best
 window's.
 
@@ -21,8 +22,9 @@ from tokenprune.methods.context.scorers.base import (
     PassageInput,
     PassageScores,
     SentenceScorer,
+    _check_exponents,
+    adaptive_keep_scores,
     register_scorer,
-    relative_to_best,
     windows,
 )
 
@@ -46,16 +48,20 @@ class CrossEncoderScorer(SentenceScorer):
     device: torch device.
     batch_size: pairs per forward.
     trust_remote_code: passed to transformers; off unless you ask for it.
+    sentence_exponent, passage_exponent: shape of the adaptive keep score.
     """
 
-    default_threshold = 0.5
+    default_threshold = 0.6
 
     model: str = ""
     device: str = "cpu"
     batch_size: int = 32
     trust_remote_code: bool = False
+    sentence_exponent: float = 0.5
+    passage_exponent: float = 2.0
 
     def __post_init__(self) -> None:
+        _check_exponents(self.sentence_exponent, self.passage_exponent)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("the cross-encoder scorer needs model=<path of a local cross-encoder checkpoint>")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -103,9 +109,7 @@ class CrossEncoderScorer(SentenceScorer):
                 raw[key] = max(raw.get(key, float("-inf")), p)
         out = []
         for qi, group in enumerate(passages):
-            result = []
-            for pi, p in enumerate(group):
-                r = [raw[(qi, pi, si)] for si in range(len(p.sentences))]
-                result.append(PassageScores(relative_to_best(r), r, max(r, default=float("-inf"))))
-            out.append(result)
+            rows = [[raw[(qi, pi, si)] for si in range(len(p.sentences))] for pi, p in enumerate(group)]
+            keep = adaptive_keep_scores(rows, self.sentence_exponent, self.passage_exponent)
+            out.append([PassageScores(k, r, max(r, default=float("-inf"))) for k, r in zip(keep, rows)])
         return out

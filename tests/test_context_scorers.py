@@ -124,6 +124,13 @@ def test_default_pruner_prunes_the_distractors(bi_encoder):
     assert 0 < res.tokens_after < res.tokens_before
 
 
+def test_bi_encoder_empty_inputs(bi_encoder):
+    p = tp.ContextPruner(scorer=bi_encoder)
+    assert p.prune([], []) == []
+    res = p.prune(QUESTION, ["", "  "])
+    assert res.passages == ["", "  "] and res.kept_sentences == [[], []]
+
+
 def test_bi_encoder_long_sentence_is_windowed_not_truncated(bi_encoder):
     # One "sentence" of ~600 tokens (no break) with the answer at its very end: a truncating
     # encoder (256 tokens) would never see it.

@@ -96,6 +96,8 @@ class BiEncoderScorer(SentenceScorer):
         return {"scorer": self.name, "model": self.model}
 
     def score(self, questions: Sequence[str], passages: Sequence[Sequence[PassageInput]]) -> list[list[PassageScores]]:
+        if not questions:
+            return []
         model = self.st_model
         max_len = int(model.max_seq_length)
         sentences = [s for group in passages for p in group for s in p.sentences]

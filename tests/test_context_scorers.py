@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from tokenprune.methods.context import PassageInput, split_sentences
+from tokenprune.methods.context import PassageInput
 from tokenprune.methods.context.scorers import BiEncoderScorer, CrossEncoderScorer, ProvenceScorer
 from tokenprune.methods.context.scorers.provence import load_provence, sentence_keep_score
 
@@ -21,9 +21,7 @@ PASSAGE = (
 )
 
 
-def passage_input(text):
-    sents = split_sentences(text)
-    return PassageInput(text, tuple(s.text for s in sents), tuple(s.start for s in sents))
+passage_input = PassageInput.from_text
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ import tokenprune as tp  # noqa: E402
 from tokenprune.methods.context import (  # noqa: E402
     BiEncoderScorer,
     CrossEncoderScorer,
+    PassageInput,
     PassageScores,
     ProvenceScorer,
     SentenceScorer,
@@ -71,18 +72,11 @@ class FixedScorer(SentenceScorer):
         return out
 
 
-def _input(text):
-    from tokenprune.methods.context import PassageInput, split_sentences
-
-    sents = split_sentences(text)
-    return PassageInput(text, tuple(s.text for s in sents), tuple(s.start for s in sents))
-
-
 def score_once(scorer, examples, batch=25):
     out = {}
     for lo in tqdm(range(0, len(examples), batch), desc=f"scoring {scorer.name}", leave=False):
         chunk = examples[lo : lo + batch]
-        scores = scorer.score([e.question for e in chunk], [[_input(p["text"]) for p in e.passages] for e in chunk])
+        scores = scorer.score([e.question for e in chunk], [[PassageInput.from_text(p["text"]) for p in e.passages] for e in chunk])
         for e, row in zip(chunk, scores):
             for p, s in zip(e.passages, row):
                 out[(e.question, p["text"])] = s.raw

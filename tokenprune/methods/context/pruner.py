@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 from tokenprune.methods.base import Pruner, register, resolve_keep
 from tokenprune.methods.context.result import ContextPruneResult, PrunedPassage
 from tokenprune.methods.context.scorers import PassageInput, PassageScores, SentenceScorer, build_scorer
-from tokenprune.methods.context.segment import split_sentences
 
 __all__ = ["ContextPruner"]
 
@@ -176,8 +175,7 @@ class ContextPruner(Pruner):
             row = []
             for pi, passage in enumerate(group):
                 text = _passage_text(passage, f"passage {pi} of question {qi}")
-                sents = split_sentences(text, self.language)
-                row.append(PassageInput(text, tuple(s.text for s in sents), tuple(s.start for s in sents)))
+                row.append(PassageInput.from_text(text, self.language))
             inputs.append(row)
         scores = self._scorer.score(questions, inputs)
         counter = tokenizer if tokenizer is not None else self._scorer.tokenizer

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
+from tokenprune.methods.context.segment import split_sentences
+
 __all__ = [
     "PassageInput",
     "PassageScores",
@@ -66,6 +68,12 @@ class PassageInput:
     text: str
     sentences: tuple[str, ...]
     starts: tuple[int, ...]  # character offset of each sentence in ``text``
+
+    @classmethod
+    def from_text(cls, text: str, language: str = "en") -> "PassageInput":
+        """Segment ``text`` into sentences (:func:`~tokenprune.methods.context.segment.split_sentences`)."""
+        sents = split_sentences(text, language)
+        return cls(text, tuple(s.text for s in sents), tuple(s.start for s in sents))
 
 
 @dataclass

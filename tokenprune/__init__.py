@@ -40,7 +40,7 @@ __all__ = [
     "ScoredVisualPruner",
     "InLLMPruner",
     "ImageTokens",
+    "ContextPruner",
     "DivPrune",
     "FastV",
-    "ContextPruner",
 ]

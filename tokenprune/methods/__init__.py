@@ -9,9 +9,9 @@ from tokenprune.methods.base import (
     available_methods,
     build,
 )
+from tokenprune.methods.context import ContextPruner
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
-from tokenprune.methods.context import ContextPruner
 
 __all__ = [
     "Pruner",
@@ -21,7 +21,7 @@ __all__ = [
     "ImageTokens",
     "available_methods",
     "build",
+    "ContextPruner",
     "DivPrune",
     "FastV",
-    "ContextPruner",
 ]

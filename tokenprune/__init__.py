@@ -26,6 +26,7 @@ from tokenprune.methods import (
     available_methods,
     build,
 )
+from tokenprune.methods.context import ContextPruner
 from tokenprune.patching import PatchHandle, active_handle
 from tokenprune.stats import PruneRecord, PruneStats
 
@@ -45,6 +46,7 @@ __all__ = [
     "ScoredVisualPruner",
     "InLLMPruner",
     "ImageTokens",
+    "ContextPruner",
     "DivPrune",
     "FastV",
     "FlowCut",

@@ -9,6 +9,7 @@ from tokenprune.methods.base import (
     available_methods,
     build,
 )
+from tokenprune.methods.context import ContextPruner
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
 from tokenprune.methods.flowcut import FlowCut
@@ -26,6 +27,7 @@ __all__ = [
     "ImageTokens",
     "available_methods",
     "build",
+    "ContextPruner",
     "DivPrune",
     "FastV",
     "FlowCut",

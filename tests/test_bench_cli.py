@@ -227,6 +227,7 @@ def test_missing_engine_backend_exits_2(monkeypatch, capsys):
     monkeypatch.setitem(modes.RUNNERS, ("hf", "text"), "tokenprune_no_such_module:run")
     code, _, err = _run(capsys, "--mode", "text", "--methods", "divprune", *FAST)
     assert code == 2 and "unavailable" in err and err.count("\n") == 1
+    monkeypatch.delitem(modes.DEFAULT_METHODS, "spec")
     code, _, err = _run(capsys, "--mode", "spec", *FAST)
     assert code == 2 and "--methods is required" in err
 

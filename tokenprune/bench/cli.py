@@ -169,6 +169,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--warmup", type=_positive("--warmup", 0), default=1,
                    help="warm-up rounds per variant, discarded (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=_positive("--samples"), default=None,
+                   help="spec mode: prompts per kind (default 2); rag mode: questions (default 8)")
     p.add_argument("--threads", type=_threads, default="auto",
                    help="CPU threads for torch; auto: torch's default, or 1 when the load average exceeds the "
                         "core count (threads that wait on each other make timings meaningless) (default: auto)")
@@ -261,6 +263,7 @@ def _measure(args: argparse.Namespace) -> None:
         model=args.model, methods=methods, engine=args.engine, mode=mode, device=args.device, dtype=args.dtype,
         batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, image_size=args.image_size,
         new_tokens=args.new_tokens, reps=args.reps, warmup=args.warmup, seed=args.seed,
+        extra={"samples": args.samples} if args.samples is not None else {},
     )
     rows = runner(config, _track(args.quiet))
     device = rows[0].get("device", "cpu") if rows else "cpu"

@@ -1,6 +1,7 @@
 """Adapters from the CLI's runner contract to the benchmark suites under ``benchmarks/``.
 
-The suites (``benchmarks/vllm_bench.py``, ``benchmarks/text_bench.py``) are scripts of their own
+The suites (``benchmarks/vllm_bench.py``, ``benchmarks/text_bench.py``, ``benchmarks/rag/run.py``,
+:mod:`tokenprune.bench.speculative`) are scripts of their own
 with their own keyword arguments and row layouts; these adapters call them with the CLI's
 :class:`~tokenprune.bench.modes.BenchConfig` and rename their figures to the CLI's columns
 (``ttft_ms``, ``ttft_ms_baseline``, ``speedup``, ``ideal_ratio``...), keeping every other column
@@ -15,10 +16,16 @@ from typing import Any, Callable, Iterable
 
 from tokenprune.bench.modes import BackendUnavailable, BenchConfig, import_benchmark
 
-__all__ = ["run_vllm", "run_text"]
+__all__ = ["run_vllm", "run_text", "run_spec", "run_rag"]
 
 # CLI preset -> the vLLM suite's preset (its own checkpoints, saved once; shapes in its PRESETS).
 VLLM_PRESETS = {"tiny-llava": "tiny", "medium-llava": "medium"}
+# CLI preset -> the spec and rag modes' own model sizes (the CLI's default model is tiny-llava).
+SIZE_PRESETS = {"tiny-llava": "tiny", "medium-llava": "medium", "tiny": "tiny", "medium": "medium"}
+# the rag mode's generator (TTFT): a random Llama with the bi-encoder's tokenizer; "medium" is the
+# suite's own (benchmarks/rag/run.py:ttft).
+RAG_GENERATORS = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
+                  "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8)}
 
 
 def _suite(name: str, attr: str) -> Callable[..., list[dict[str, Any]]]:
@@ -103,4 +110,172 @@ def run_text(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
                      "engine": "hf", "mode": "text", "ttft_ms": r["ttft_s"] * 1e3,
                      "ttft_ms_baseline": r["ttft_s"] * r["ttft_speedup"] * 1e3, "speedup": r["ttft_speedup"],
                      "batch_size": 1})
+    return rows
+
+
+def _methods_of_stage(config: BenchConfig, stage: str, example: str) -> None:
+    wrong = [label for label, m in config.methods if m.stage != stage]
+    if wrong:
+        raise ValueError(f"{config.mode} mode measures {stage} methods (e.g. --methods {example}), "
+                         f"not {', '.join(wrong)}")
+
+
+def run_spec(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
+    """DraftTree speculative decoding against plain greedy ``generate`` and HF prompt lookup.
+
+    Calls :func:`tokenprune.bench.speculative.run_spec_benchmark` (greedy decoding) with each
+    ``draft_tree`` method of ``--methods`` plus transformers' ``prompt_lookup_num_tokens=10``.
+    One row per (prompt kind, variant): ``tokens_per_forward`` (tokens generated per target
+    forward: accepted drafts + the bonus token), ``forwards_per_token``, ``speedup`` (wall clock
+    of the whole ``generate`` call over the interleaved greedy baseline, median of ``--reps``) and
+    ``identical`` (greedy output equal to the baseline's).
+
+    ``--model``: ``tiny``/``medium`` (``tiny-llava``/``medium-llava`` map to them), the suite's
+    trained Llamas (trained once, a few minutes, cached in ``~/.cache/tokenprune``), or a local
+    causal-LM checkpoint with at least 64 tokens (the prompts are ids < 64). ``--samples``:
+    prompts per kind (repeat, code, prose; default 2).
+    """
+    import torch
+
+    from tokenprune.bench.speculative import run_spec_benchmark
+
+    _methods_of_stage(config, "speculative", "draft_tree:sources=ngram:budget=4")
+    kwargs: dict[str, Any] = {}
+    if config.model in SIZE_PRESETS:
+        kwargs["preset"] = SIZE_PRESETS[config.model]
+    elif Path(config.model).is_dir():
+        from transformers import AutoModelForCausalLM
+
+        kwargs["model"] = AutoModelForCausalLM.from_pretrained(config.model).eval()
+    else:
+        raise ValueError(f"spec mode needs --model tiny, medium or a causal-LM checkpoint directory, "
+                         f"got {config.model!r}")
+    configs: list[tuple[str, Any]] = [("hf-prompt-lookup-10", "prompt_lookup")]
+    for label, method in config.methods:
+        cfg = method.to_config()
+        cfg.pop("method")
+        configs.append((label, cfg))
+    n_per_kind = config.extra.get("samples") or 2
+    raw = run_spec_benchmark(configs=configs, max_new_tokens=config.new_tokens, n_per_kind=n_per_kind,
+                             repeats=config.reps, threads=torch.get_num_threads(), modes=("greedy",),
+                             verbose=False, **kwargs)
+    methods = dict(config.methods)
+    rows = []
+    for r in raw:
+        label = "baseline" if r["source"] == "none" else r["config"]
+        method = methods.get(label)
+        suite = {k: v for k, v in r.items() if k not in ("mode", "config", "max_new_tokens")}
+        rows.append({
+            "method": "baseline" if label == "baseline" else (method.name if method is not None else "prompt_lookup"),
+            "label": label, "keep": None, "stage": "speculative" if label != "baseline" else None,
+            "params": method.to_config() if method is not None else (
+                {"prompt_lookup_num_tokens": 10} if label != "baseline" else {}),
+            **suite, "decoding": r["mode"], "engine": "hf", "mode": "spec", "device": "cpu", "dtype": "float32", "batch_size": 1,
+            "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1, "prompts_per_kind": n_per_kind,
+            "random_weights": False,
+        })
+    return rows
+
+
+def run_rag(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
+    """Context pruning (``tp.ContextPruner``) on the synthetic RAG set of ``benchmarks/rag/``.
+
+    For each ``context`` method (scorer, threshold or keep_ratio) and the unpruned baseline, on
+    ``--samples`` test questions (default 8, 5 passages each): answer-sentence recall
+    (``gold_sentence_recall``; ``answer_recall``), compression (``token_compression``,
+    ``char_compression``), pruning latency per passage (``prune_ms_per_passage``, median over
+    questions of the best of ``--reps`` interleaved calls), and the TTFT of a random Llama
+    generator (``--model tiny``: 2x128, ``medium``: 8x512 as in ``benchmarks/rag/run.py``)
+    prompted with all passages vs the pruned ones: ``ttft_ms`` (prefill + first token),
+    ``ttft_with_pruning_ms`` and ``speedup``/``speedup_with_pruning`` (medians over ``--reps``
+    interleaved rounds of the whole question set, per question).
+    """
+    import statistics
+    import time
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import tokenprune as tp
+    from tokenprune.bench.results import Samples, variant_rows
+    from tokenprune.bench.timing import interleaved_schedule
+    from tokenprune.methods.context.scorers.bi_encoder import default_model_path
+
+    _methods_of_stage(config, "context", "context:threshold=0.5")
+    size = SIZE_PRESETS.get(config.model)
+    if size is None:
+        raise ValueError(f"rag mode needs --model tiny or medium (the generator's size), got {config.model!r}")
+    suite = import_benchmark("benchmarks.rag.run")
+    examples = suite.make_split(1, config.extra.get("samples") or 8)  # seed 1: the suite's test split
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.chat_template = suite.DOC_TEMPLATE
+    tok.model_max_length = 4096  # the generator's window, not MiniLM's
+    torch.manual_seed(config.seed)
+    heads = RAG_GENERATORS[size]["num_attention_heads"]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, num_key_value_heads=heads,
+                                         max_position_embeddings=4096, pad_token_id=0,
+                                         **RAG_GENERATORS[size])).eval()
+    variants: list[tuple[str, Any]] = [("baseline", None), *config.methods]
+    per_variant: dict[str, dict[str, Any]] = {}
+    for label, method in variants:
+        if method is None:
+            per_variant[label] = {"gold_sentence_recall": 1.0, "answer_recall": 1.0, "token_compression": 0.0,
+                                  "char_compression": 0.0, "kept_sentence_fraction": 1.0}
+        else:
+            per_variant[label] = dict(suite.evaluate(method, examples, tok), scorer=method.scorer,
+                                      threshold=method.effective_threshold if method.keep_ratio is None else None,
+                                      keep_ratio=method.keep_ratio)
+
+    def prompt(example, method):
+        messages = [{"role": "user", "content": example.question}]
+        start = time.perf_counter()
+        if method is None:
+            ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+        else:
+            with tp.patch(tok, method):
+                ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+        ids.pop("token_type_ids", None)  # BERT-style tokenizer output; a Llama takes none
+        return ids, time.perf_counter() - start
+
+    samples = Samples()
+    prune_s: dict[str, list[list[float]]] = {label: [[] for _ in examples] for label, _ in variants}
+    tokens: dict[str, list[int]] = {}
+    methods = dict(variants)
+    for run in track(interleaved_schedule([label for label, _ in variants], config.reps, config.warmup),
+                     description="rag"):
+        method = methods[run.variant]
+        ttft = pruning = 0.0
+        lengths = []
+        for i, example in enumerate(examples):
+            ids, t_prune = prompt(example, method)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            ttft += time.perf_counter() - start
+            pruning += t_prune
+            lengths.append(ids["input_ids"].shape[1])
+            if not run.warmup:
+                prune_s[run.variant][i].append(t_prune / len(example.passages))
+        tokens[run.variant] = lengths
+        if not run.warmup:
+            n = len(examples)
+            samples.add(run.variant, run.rep, ttft_ms=1e3 * ttft / n, e2e_ms=1e3 * (ttft + pruning) / n)
+    for label, _ in variants:
+        per_variant[label].update(
+            prompt_tokens=round(statistics.median(tokens["baseline"])),
+            prompt_tokens_after=round(statistics.median(tokens[label])),
+            prune_ms_per_passage=None if methods[label] is None
+            else 1e3 * statistics.median(min(t) for t in prune_s[label]))
+    rows = variant_rows(samples, variants, per_variant, common={
+        "model": f"rag-generator-{size}", "engine": "hf", "mode": "rag", "device": "cpu", "dtype": "float32",
+        "random_weights": True, "num_parameters": sum(p.numel() for p in model.parameters()),
+        "questions": len(examples), "passages_per_question": len(examples[0].passages), "batch_size": 1,
+        "new_tokens": 1, "reps": config.reps, "warmup": config.warmup})
+    for row in rows:  # e2e here = pruning + prefill: the TTFT a user of the pruned prompt sees
+        row["ttft_with_pruning_ms"] = row.pop("e2e_ms")
+        row["speedup_with_pruning"] = row.pop("e2e_speedup", 1.0 if row["method"] == "baseline" else None)
+        for key in [k for k in row if k.startswith("e2e_ms")]:
+            row.pop(key)
     return rows

@@ -26,12 +26,14 @@ RUNNERS: dict[tuple[str, str], str] = {
     ("hf", "visual"): "tokenprune.bench.hf_visual:run",
     ("vllm", "visual"): "tokenprune.bench.external:run_vllm",  # benchmarks/vllm_bench.py
     ("hf", "text"): "tokenprune.bench.external:run_text",  # benchmarks/text_bench.py
-    ("hf", "rag"): "benchmarks.rag.bench:run_rag_benchmark",
-    ("hf", "spec"): "benchmarks.spec.bench:run_spec_benchmark",
+    ("hf", "rag"): "tokenprune.bench.external:run_rag",  # benchmarks/rag/run.py
+    ("hf", "spec"): "tokenprune.bench.external:run_spec",  # tokenprune/bench/speculative.py
 }
 ENGINES = ("hf", "vllm")
 # mode -> methods measured when --methods is not given (the published defaults).
-DEFAULT_METHODS = {"visual": "divprune:keep=64,fastv:layer=2:keep=0.5", "text": "lazyllm,snapkv:keep=0.5"}
+DEFAULT_METHODS = {"visual": "divprune:keep=64,fastv:layer=2:keep=0.5", "text": "lazyllm,snapkv:keep=0.5",
+                   "rag": "context:threshold=0.3,context,context:threshold=0.8",
+                   "spec": "draft_tree:sources=ngram:budget=4,draft_tree:sources=ngram:budget=auto,draft_tree"}
 MODES = ("visual", "text", "rag", "spec")
 # method stage -> the mode that measures it ("auto" mode picks from the methods given).
 STAGE_MODES = {"visual": "visual", "llm": "visual", "text": "text", "context": "rag", "speculative": "spec"}
@@ -56,7 +58,7 @@ class BenchConfig:
             ``None`` = the mode's default). ``image_size``: pixels (None = the model's).
         new_tokens: tokens generated per row, forced equal in every run (EOS ignored).
         reps / warmup: measured repetitions and discarded warm-up rounds of every variant.
-        extra: mode-specific options.
+        extra: mode-specific options (``samples``: prompts per kind in spec mode, questions in rag mode).
     """
 
     model: str = "tiny-llava"
@@ -105,16 +107,34 @@ def _repo_root() -> Optional[Path]:
 def import_benchmark(module_name: str) -> Any:
     """Import a module of the repository's ``benchmarks/`` (found from a source checkout).
 
+    The module is loaded from its file, not through the ``benchmarks`` package name: other
+    distributions install a top-level ``benchmarks`` package (pysbd, which the context scorers
+    use, does) that would shadow the checkout's.
+
     Raises:
         BackendUnavailable: it cannot be imported here.
     """
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     root = _repo_root()
-    if root is not None and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    path = None if root is None else root.joinpath(*module_name.split(".")).with_suffix(".py")
+    if path is None or not path.is_file():
+        raise BackendUnavailable(f"benchmark suite unavailable: no {module_name} in a source checkout "
+                                 f"({path or 'benchmarks/ not found'})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # the suites import tokenprune from the same checkout
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the file executes
     try:
-        return importlib.import_module(module_name)
+        spec.loader.exec_module(module)
     except ImportError as exc:
+        del sys.modules[module_name]
         raise BackendUnavailable(f"benchmark suite unavailable: cannot import {module_name} ({exc})") from None
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 def load_runner(engine: str, mode: str) -> Callable[..., list[dict]]:

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -163,44 +163,92 @@ def _spread(row: dict[str, Any], metric: str, spec: str) -> str:
     return f"{row[metric]:{spec}} [{row[f'{metric}_q1']:{spec}}-{row[f'{metric}_q3']:{spec}}]"
 
 
+def _ratio(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+# mode -> (header, cell) columns for modes whose figures are not TTFT/tokens kept (visual, text, vLLM).
+MODE_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
+    "spec": [
+        ("prompts", lambda r: str(r.get("prompt_kind", "-"))),
+        ("method", lambda r: str(r.get("label", r.get("method")))),
+        ("source", lambda r: str(r.get("source", "-"))),
+        ("budget", lambda r: str(r.get("budget") if r.get("budget") not in (None, "") else "-")),
+        ("tokens/target fwd", lambda r: _fmt(r.get("tokens_per_forward"), ".2f")),
+        ("target fwd/token", lambda r: _fmt(r.get("forwards_per_token"), ".3f")),
+        ("wall-clock speedup", lambda r: _ratio(r.get("speedup"))),
+        ("identical", lambda r: str(r.get("identical", "-"))),
+    ],
+    "rag": [
+        ("method", lambda r: str(r.get("label", r.get("method")))),
+        ("answer-sentence recall", lambda r: _pct(r.get("gold_sentence_recall"))),
+        ("token compression", lambda r: _pct(r.get("token_compression"))),
+        ("prompt tokens", lambda r: f"{_fmt(r.get('prompt_tokens_after'), 'd')}/{_fmt(r.get('prompt_tokens'), 'd')}"),
+        ("prune ms/passage", lambda r: _fmt(r.get("prune_ms_per_passage"), ".2f")),
+        ("TTFT ms", lambda r: _spread(r, "ttft_ms", ".1f")),
+        ("TTFT speedup", lambda r: _ratio(r.get("speedup"))),
+        ("incl. pruning", lambda r: _ratio(r.get("speedup_with_pruning"))),
+    ],
+}
+
+
+def _visual_cells(row: dict[str, Any]) -> list[str]:
+    before, after = row.get("visual_tokens_before"), row.get("visual_tokens_after")
+    speedup = row.get("speedup")
+    speed_txt = "-" if speedup is None else (
+        f"{speedup:.2f}x" if row.get("speedup_q1") is None
+        else f"{speedup:.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]")
+    return [
+        str(row.get("label", row.get("method"))),
+        f"{after}/{before}" if before is not None else "-",
+        _fmt(row.get("prompt_tokens_after"), "d"),
+        _spread(row, "ttft_ms", ".1f"),
+        _spread(row, "decode_tok_s", ".1f"),
+        _fmt(row.get("peak_mem_mb"), ".0f"),
+        speed_txt,
+        _ratio(row.get("ideal_ratio")),
+        _fmt(row.get("ratio_to_ideal"), ".0%"),
+    ]
+
+
+VISUAL_HEADERS = ["method", "visual tokens", "prompt tokens", "TTFT ms", "decode tok/s", "peak +MB", "TTFT speedup",
+                  "ideal", "speedup/ideal"]
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], Callable[[dict[str, Any]], list[str]]]:
+    """Headers and the row -> cells function for the mode of ``rows`` (visual layout by default)."""
+    columns = MODE_COLUMNS.get(str(rows[0].get("mode"))) if rows else None
+    if columns is None:
+        return VISUAL_HEADERS, _visual_cells
+    return [h for h, _ in columns], lambda row: [cell(row) for _, cell in columns]
+
+
 def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: Any = None, title: str = "") -> None:
-    """A rich table: TTFT, decode tok/s, tokens kept, speedup and the ideal ratio, per variant."""
+    """A rich table per variant: TTFT, decode tok/s, tokens kept, speedup and the ideal ratio, or
+    the mode's own figures (:data:`MODE_COLUMNS`: spec, rag)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     first = rows[0] if rows else {}
+    params = first.get("num_parameters")
     caption_bits = [
-        f"{first.get('model', '?')} ({first.get('num_parameters', 0) / 1e6:.1f}M params)" if first else "",
+        f"{first.get('model', '?')}" + (f" ({params / 1e6:.1f}M params)" if params else "") if first else "",
         f"{meta.get('device_name', '')} ({first.get('device', '')}, {first.get('dtype', '')}, "
         f"{meta.get('torch_threads', '?')} threads)",
         f"batch {first.get('batch_size')}, {first.get('new_tokens')} new tokens, "
         f"median [IQR] of {first.get('reps')} interleaved reps after {first.get('warmup')} warm-up",
     ]
     table = Table(title=title or "tokenprune-bench", caption=" | ".join(b for b in caption_bits if b))
-    for name, justify in [("method", "left"), ("visual tokens", "right"), ("prompt tokens", "right"),
-                          ("TTFT ms", "right"), ("decode tok/s", "right"), ("peak +MB", "right"),
-                          ("TTFT speedup", "right"), ("ideal", "right"), ("speedup/ideal", "right")]:
-        table.add_column(name, justify=justify, no_wrap=True)
+    headers, cells = _columns(rows)
+    for i, name in enumerate(headers):
+        table.add_column(name, justify="left" if i == 0 or name in ("method", "source") else "right", no_wrap=True)
     for row in rows:
-        before, after = row.get("visual_tokens_before"), row.get("visual_tokens_after")
-        tokens = f"{after}/{before}" if before is not None else "-"
-        speedup = row.get("speedup")
-        speed_txt = "-" if speedup is None else (
-            f"{speedup:.2f}x" if row.get("speedup_q1") is None
-            else f"{speedup:.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]")
-        ideal = row.get("ideal_ratio")
-        table.add_row(
-            str(row.get("label", row.get("method"))),
-            tokens,
-            _fmt(row.get("prompt_tokens_after"), "d"),
-            _spread(row, "ttft_ms", ".1f"),
-            _spread(row, "decode_tok_s", ".1f"),
-            _fmt(row.get("peak_mem_mb"), ".0f"),
-            speed_txt,
-            "-" if ideal is None else f"{ideal:.2f}x",
-            _fmt(row.get("ratio_to_ideal"), ".0%"),
-        )
+        table.add_row(*cells(row))
     console.print(table)
     if any(r.get("random_weights") for r in rows):
         console.print(f"[dim]note: {RANDOM_WEIGHTS_NOTE}[/dim]")
@@ -208,6 +256,24 @@ def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: A
 
 def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table of :func:`print_table` as GitHub markdown, with a provenance line (for READMEs)."""
+    if rows and str(rows[0].get("mode")) in MODE_COLUMNS:
+        headers, cells = _columns(rows)
+        lines = ["| model | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+        lines += [f"| {row.get('model', '-')} | " + " | ".join(cells(row)) + " |" for row in rows]
+    else:
+        lines = _visual_markdown(rows)
+    first = rows[0] if rows else {}
+    lines.append("")
+    lines.append(f"{meta.get('date', '?')[:10]}, {meta.get('device_name', '?')} ({first.get('device', '?')}, "
+                 f"{meta.get('torch_threads', '?')} threads), torch {meta.get('torch', '?')}, transformers "
+                 f"{meta.get('transformers', '?')}, commit {str(meta.get('git_commit', '?'))[:10]}; batch "
+                 f"{first.get('batch_size')}, {first.get('new_tokens')} new tokens, median of {first.get('reps')} "
+                 "interleaved repetitions." + (" Random weights: latency is real, quality meaningless."
+                                                if any(r.get("random_weights") for r in rows) else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _visual_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["| model | method | visual tokens | prompt tokens | TTFT ms (median) | TTFT speedup [IQR] | ideal "
              "| speedup / ideal | decode tok/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -221,14 +287,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_fmt(row.get('prompt_tokens_after'), 'd')} | {_fmt(row.get('ttft_ms'), '.1f')} | {speed_txt} "
             f"| {_fmt(row.get('ideal_ratio'), '.2f')}x | {_fmt(row.get('ratio_to_ideal'), '.0%')} "
             f"| {_fmt(row.get('decode_tok_s'), '.1f')} |")
-    first = rows[0] if rows else {}
-    lines.append("")
-    lines.append(f"{meta.get('date', '?')[:10]}, {meta.get('device_name', '?')} ({first.get('device', '?')}, "
-                 f"{meta.get('torch_threads', '?')} threads), torch {meta.get('torch', '?')}, transformers "
-                 f"{meta.get('transformers', '?')}, commit {str(meta.get('git_commit', '?'))[:10]}; batch "
-                 f"{first.get('batch_size')}, {first.get('new_tokens')} new tokens, median of {first.get('reps')} "
-                 "interleaved repetitions. Random weights: latency is real, quality meaningless.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -248,6 +307,8 @@ def plot_results(
     methods: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("method") != "baseline" and row.get("speedup") is not None:
+            if row.get("visual_tokens_after") is None and row.get("keep") is None:
+                raise ValueError(f"--plot draws speedup against keep; {row.get('mode')} mode rows have no keep")
             methods.setdefault(str(row["method"]), []).append(row)
     if not methods:
         raise ValueError("no method rows with a speedup to plot")

@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark modes wired to the suites: spec (DraftTree), rag (ContextPruner), vLLM.
+
+Each runs the real suite through ``tokenprune-bench`` with tiny settings and checks the JSON rows
+against what the settings imply (exactness of greedy speculative decoding, threshold 0 keeping
+everything, token counts).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _vllm_support import vllm_env  # noqa: F401
+from tokenprune.bench import cli
+
+FAST = ["--reps", "1", "--warmup", "0", "--threads", "1", "--quiet"]
+
+
+def _run(capsys, tmp_path, *argv):
+    path = tmp_path / "out.json"
+    code = cli.main([*argv, *FAST, "--json", str(path), "--csv", str(tmp_path / "out.csv")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(path.read_text())
+    assert (tmp_path / "out.csv").stat().st_size > 0
+    return data["meta"], data["results"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_path(tmp_path_factory):
+    """A random 1-layer Llama over the spec suite's 64-token vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                         bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    path = tmp_path_factory.mktemp("spec_lm")
+    model.save_pretrained(path)
+    return path
+
+
+def test_spec_mode_reports_forwards_and_prompt_lookup(tiny_lm_path, tmp_path, capsys):
+    meta, rows = _run(capsys, tmp_path, "--mode", "spec", "--model", str(tiny_lm_path), "--methods",
+                      "draft_tree:sources=ngram:budget=4", "--new-tokens", "12", "--samples", "1")
+    assert meta["parameters"]["mode"] == "spec" and meta["parameters"]["extra"] == {"samples": 1}
+    assert {r["prompt_kind"] for r in rows} == {"repeat", "code", "prose"}
+    assert [r["label"] for r in rows[:3]] == ["baseline", "hf-prompt-lookup-10", "draft_tree(sources=ngram,budget=4)"]
+    for row in rows:
+        assert row["mode"] == "spec" and row["decoding"] == "greedy" and row["new_tokens"] == 12
+        assert row["tokens_per_forward"] * row["forwards_per_token"] == pytest.approx(1.0)
+        assert row["speedup"] > 0
+        assert row["identical"] is True  # greedy speculative decoding is lossless
+    for row in rows:
+        if row["method"] == "baseline":
+            assert row["tokens_per_forward"] == 1.0 and row["speedup"] == 1.0
+        elif row["method"] == "draft_tree":
+            assert row["source"] == "ngram" and row["budget"] == 4 and row["params"]["budget"] == 4
+            # at most budget + 1 tokens per verification forward
+            assert 1.0 <= row["tokens_per_forward"] <= 5.0
+        else:
+            assert row["method"] == "prompt_lookup" and row["budget"] == 10
+
+
+def test_spec_mode_refuses_other_methods(capsys):
+    assert cli.main(["--mode", "spec", "--methods", "divprune", *FAST]) == 2
+    assert "speculative methods" in capsys.readouterr().err
+
+
+def test_rag_mode_recall_compression_and_ttft(tmp_path, capsys):
+    meta, rows = _run(capsys, tmp_path, "--mode", "rag", "--model", "tiny", "--samples", "2", "--methods",
+                      "context:threshold=0,context:threshold=0.99")
+    assert meta["parameters"]["mode"] == "rag"
+    assert [r["label"] for r in rows] == ["baseline", "context(threshold=0)", "context(threshold=0.99)"]
+    base, keep_all, strict = rows
+    for row in rows:
+        assert row["mode"] == "rag" and row["questions"] == 2 and row["ttft_ms"] > 0
+        assert row["prompt_tokens"] == base["prompt_tokens_after"] > 0
+    assert base["speedup"] == 1.0 and base["token_compression"] == 0.0 and base["prune_ms_per_passage"] is None
+    # threshold 0 keeps every sentence: the whole prompt, all answers
+    assert keep_all["gold_sentence_recall"] == 1.0 and keep_all["token_compression"] == pytest.approx(0.0, abs=1e-9)
+    assert keep_all["prompt_tokens_after"] == base["prompt_tokens"]
+    # a near-1 threshold keeps min_sentences per passage: far shorter prompts
+    assert strict["token_compression"] > 0.5 and strict["prompt_tokens_after"] < base["prompt_tokens"] / 2
+    assert strict["prune_ms_per_passage"] > 0 and strict["ttft_with_pruning_ms"] > strict["ttft_ms"]
+    assert strict["threshold"] == 0.99 and strict["scorer"] == "bi-encoder"
+
+
+@pytest.mark.vllm
+def test_vllm_engine_runs_the_suite(vllm_env, tmp_path, capsys):  # noqa: F811
+    meta, rows = _run(capsys, tmp_path, "--engine", "vllm", "--methods", "divprune:keep=64", "--new-tokens", "2")
+    assert meta["parameters"]["engine"] == "vllm"
+    base, pruned = rows
+    assert base["method"] == "baseline" and pruned["method"] == "divprune" and pruned["keep"] == 64
+    # 576 placeholder tokens per image become 64
+    assert base["prompt_tokens_after"] - pruned["prompt_tokens_after"] == 512
+    assert pruned["ttft_ms"] > 0 and pruned["speedup"] > 0 and pruned["throughput_rps"] > 0

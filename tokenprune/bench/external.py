@@ -54,7 +54,10 @@ def run_vllm(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
     by_metric = {r["metric"]: r for r in raw}
     ttft, tput = by_metric["ttft_s"], by_metric.get("throughput_rps", {})
     extra = {k: v for k, v in ttft.items() if k not in ("metric", "baseline", "pruned", "speedup", "method", "keep")}
+    import torch
+
     common = {"model": f"vllm:{preset}", "engine": "vllm", "mode": "visual", "random_weights": True,
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "float32",
               "batch_size": config.batch_size, "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1,
               "visual_tokens_before": 576, **extra}
     base_row = {"method": "baseline", "label": "baseline", "keep": None, "params": {}, **common,

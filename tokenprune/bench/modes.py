@@ -105,9 +105,10 @@ def _repo_root() -> Optional[Path]:
 
 
 def import_benchmark(module_name: str) -> Any:
-    """Import a module of the repository's ``benchmarks/`` (found from a source checkout).
+    """Import a runner's module: one of the repository's ``benchmarks/`` (found from a source
+    checkout) or any importable module.
 
-    The module is loaded from its file, not through the ``benchmarks`` package name: other
+    A ``benchmarks.*`` module is loaded from its file, not through the ``benchmarks`` package name: other
     distributions install a top-level ``benchmarks`` package (pysbd, which the context scorers
     use, does) that would shadow the checkout's.
 
@@ -116,6 +117,11 @@ def import_benchmark(module_name: str) -> Any:
     """
     if module_name in sys.modules:
         return sys.modules[module_name]
+    if module_name.split(".")[0] != "benchmarks":  # a runner in an installed package or on sys.path
+        try:
+            return importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendUnavailable(f"benchmark suite unavailable: cannot import {module_name} ({exc})") from None
     root = _repo_root()
     path = None if root is None else root.joinpath(*module_name.split(".")).with_suffix(".py")
     if path is None or not path.is_file():

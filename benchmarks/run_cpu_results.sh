@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the committed CPU results under benchmarks/results/cpu/ with tokenprune-bench:
-# latency (baseline vs DivPrune vs FastV) on the tiny and medium presets, and keep sweeps with plots.
+# latency (baseline vs DivPrune vs FastV) on the tiny and medium presets, and keep sweeps with plots;
+# speculative decoding (DraftTree vs greedy vs HF prompt lookup) and RAG context pruning on their tiny models.
 # Every file records machine, versions, git commit and parameters; the summary tables for the README
 # are written to benchmarks/results/cpu/summary.md.
 #
@@ -24,7 +25,11 @@ bench sweep --model tiny-llava --methods divprune,fastv:layer=2 --keep 288,192,1
   --json "$OUT/tiny-llava_sweep.json" --csv "$OUT/tiny-llava_sweep.csv" --plot "$OUT/tiny-llava_sweep.png"
 bench sweep --model medium-llava --methods divprune,fastv:layer=2 --keep 192,128,64 --reps 3 "${COMMON[@]}" \
   --json "$OUT/medium-llava_sweep.json" --csv "$OUT/medium-llava_sweep.csv" --plot "$OUT/medium-llava_sweep.png"
+bench --mode spec --model tiny --new-tokens 64 --reps 3 "${COMMON[@]}" \
+  --json "$OUT/spec_tiny.json" --csv "$OUT/spec_tiny.csv"
+bench --mode rag --model tiny --reps 3 "${COMMON[@]}" --json "$OUT/rag_tiny.json" --csv "$OUT/rag_tiny.csv"
 
 bench report "$OUT/tiny-llava_latency.json" "$OUT/medium-llava_latency.json" \
-  "$OUT/tiny-llava_sweep.json" "$OUT/medium-llava_sweep.json" --markdown "$OUT/summary.md" --quiet
+  "$OUT/tiny-llava_sweep.json" "$OUT/medium-llava_sweep.json" "$OUT/spec_tiny.json" "$OUT/rag_tiny.json" \
+  --markdown "$OUT/summary.md" --quiet
 echo "results in $OUT"

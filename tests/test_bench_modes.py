@@ -12,7 +12,7 @@ import json
 import pytest
 
 from _vllm_support import vllm_env  # noqa: F401
-from tokenprune.bench import cli
+from tokenprune.bench import cli, report
 
 FAST = ["--reps", "1", "--warmup", "0", "--threads", "1", "--quiet"]
 
@@ -62,6 +62,8 @@ def test_spec_mode_reports_forwards_and_prompt_lookup(tiny_lm_path, tmp_path, ca
             assert 1.0 <= row["tokens_per_forward"] <= 5.0
         else:
             assert row["method"] == "prompt_lookup" and row["budget"] == 10
+    _, from_csv = report.load_results(tmp_path / "out.csv")  # booleans survive the CSV round trip
+    assert [r["identical"] for r in from_csv] == [True] * len(rows) and from_csv[0]["random_weights"] is False
 
 
 def test_spec_mode_refuses_other_methods(capsys):

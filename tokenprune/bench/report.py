@@ -113,6 +113,8 @@ def write_csv(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str
 def _parse_cell(value: str) -> Any:
     if value == "":
         return None
+    if value in ("True", "False"):  # csv writes Python booleans with str()
+        return value == "True"
     try:
         return json.loads(value)
     except ValueError:

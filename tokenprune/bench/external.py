@@ -78,7 +78,8 @@ def run_vllm(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
 def run_text(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
     """Prompt/KV pruning (LazyLLM, SnapKV) on a Llama decoder, ``--prompt-tokens`` long prompts.
 
-    ``--model``: a suite preset (tiny, small, medium), a CLI text preset (``llama-3-8b``, built here
+    ``--model``: a suite preset (tiny, small, medium; ``tiny-llava``/``medium-llava`` map to
+    tiny/medium), a CLI text preset (``llama-3-8b``, built here
     on the GPU and handed over) or a checkpoint directory.
     """
     bench_module = import_benchmark("benchmarks.text_bench")
@@ -89,6 +90,8 @@ def run_text(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
     kwargs: dict[str, Any] = {}
     if config.model in suite_presets:
         kwargs["preset"] = config.model
+    elif SIZE_PRESETS.get(config.model) in suite_presets:  # the CLI's default model, tiny-llava
+        kwargs["preset"] = SIZE_PRESETS[config.model]
     elif Path(config.model).is_dir():
         kwargs["model_path"] = config.model
     else:

@@ -185,6 +185,17 @@ MODE_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
         ("wall-clock speedup", lambda r: _ratio(r.get("speedup"))),
         ("identical", lambda r: str(r.get("identical", "-"))),
     ],
+    "text": [
+        ("method", lambda r: str(r.get("label", r.get("method")))),
+        ("prompt tokens", lambda r: _fmt(r.get("prompt_tokens"), "d")),
+        ("TTFT ms", lambda r: _spread(r, "ttft_ms", ".1f")),
+        ("TTFT speedup", lambda r: _ratio(r.get("speedup"))),
+        ("decode tok/s", lambda r: _fmt(r.get("decode_tok_s"), ".1f")),
+        ("decode speedup", lambda r: _ratio(r.get("decode_speedup"))),
+        ("KV memory", lambda r: _pct(r.get("kv_ratio"))),
+        ("next-token agreement", lambda r: _pct(r.get("next_token_agreement"))),
+        ("KL", lambda r: _fmt(r.get("kl"), ".4f")),
+    ],
     "rag": [
         ("method", lambda r: str(r.get("label", r.get("method")))),
         ("answer-sentence recall", lambda r: _pct(r.get("gold_sentence_recall"))),

@@ -112,7 +112,9 @@ def run_text(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
         method = methods.get(r["method"])
         params = method.to_config() if method is not None else json.loads(r.get("config") or "{}")
         rows.append({**r, "label": r["method"], "method": method.name if method is not None else "baseline",
-                     "keep": getattr(method, "keep", None), "params": params, "model": config.model,
+                     "keep": getattr(method, "keep", None), "params": params,
+                     "model": kwargs.get("preset", config.model), "random_weights": "model_path" not in kwargs,
+                     "warmup": 0,  # the suite times every run it makes
                      "engine": "hf", "mode": "text", "ttft_ms": r["ttft_s"] * 1e3,
                      "ttft_ms_baseline": r["ttft_s"] * r["ttft_speedup"] * 1e3, "speedup": r["ttft_speedup"],
                      "batch_size": 1})

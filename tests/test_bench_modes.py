@@ -66,9 +66,11 @@ def test_spec_mode_reports_forwards_and_prompt_lookup(tiny_lm_path, tmp_path, ca
     assert [r["identical"] for r in from_csv] == [True] * len(rows) and from_csv[0]["random_weights"] is False
 
 
-def test_spec_mode_refuses_other_methods(capsys):
+def test_spec_and_rag_modes_refuse_what_they_cannot_measure(capsys):
     assert cli.main(["--mode", "spec", "--methods", "divprune", *FAST]) == 2
     assert "speculative methods" in capsys.readouterr().err
+    assert cli.main(["--mode", "rag", "--batch-size", "4", *FAST]) == 2
+    assert "drop --batch-size" in capsys.readouterr().err
 
 
 def test_rag_mode_recall_compression_and_ttft(tmp_path, capsys):

@@ -121,11 +121,18 @@ def run_text(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
     return rows
 
 
-def _methods_of_stage(config: BenchConfig, stage: str, example: str) -> None:
+def _check_config(config: BenchConfig, stage: str, example: str) -> None:
+    """Methods of ``stage`` only, and none of the options the spec/rag suites have no use for."""
     wrong = [label for label, m in config.methods if m.stage != stage]
     if wrong:
         raise ValueError(f"{config.mode} mode measures {stage} methods (e.g. --methods {example}), "
                          f"not {', '.join(wrong)}")
+    unused = {"--batch-size": config.batch_size != 1, "--prompt-tokens": config.prompt_tokens is not None,
+              "--image-size": config.image_size is not None, "--device": config.device not in ("auto", "cpu")}
+    given = [flag for flag, set_ in unused.items() if set_]
+    if given:
+        raise ValueError(f"{config.mode} mode runs one prompt at a time on CPU with the suite's prompts; "
+                         f"drop {', '.join(given)}")
 
 
 def run_spec(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
@@ -147,7 +154,7 @@ def run_spec(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
 
     from tokenprune.bench.speculative import run_spec_benchmark
 
-    _methods_of_stage(config, "speculative", "draft_tree:sources=ngram:budget=4")
+    _check_config(config, "speculative", "draft_tree:sources=ngram:budget=4")
     kwargs: dict[str, Any] = {}
     if config.model in SIZE_PRESETS:
         kwargs["preset"] = SIZE_PRESETS[config.model]
@@ -209,7 +216,7 @@ def run_rag(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[st
     from tokenprune.bench.timing import interleaved_schedule
     from tokenprune.methods.context.scorers.bi_encoder import default_model_path
 
-    _methods_of_stage(config, "context", "context:threshold=0.5")
+    _check_config(config, "context", "context:threshold=0.5")
     size = SIZE_PRESETS.get(config.model)
     if size is None:
         raise ValueError(f"rag mode needs --model tiny or medium (the generator's size), got {config.model!r}")

@@ -179,16 +179,17 @@ def run_spec(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[s
     for r in raw:
         label = "baseline" if r["source"] == "none" else r["config"]
         method = methods.get(label)
+        if method is not None:
+            name, stage, params = method.name, method.stage, method.to_config()
+        elif label == "baseline":
+            name, stage, params = "baseline", None, {}
+        else:
+            name, stage, params = "prompt_lookup", "speculative", {"prompt_lookup_num_tokens": 10}
         suite = {k: v for k, v in r.items() if k not in ("mode", "config", "max_new_tokens")}
-        rows.append({
-            "method": "baseline" if label == "baseline" else (method.name if method is not None else "prompt_lookup"),
-            "label": label, "keep": None, "stage": "speculative" if label != "baseline" else None,
-            "params": method.to_config() if method is not None else (
-                {"prompt_lookup_num_tokens": 10} if label != "baseline" else {}),
-            **suite, "decoding": r["mode"], "engine": "hf", "mode": "spec", "device": "cpu", "dtype": "float32", "batch_size": 1,
-            "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1, "prompts_per_kind": n_per_kind,
-            "random_weights": False,
-        })
+        rows.append({"method": name, "label": label, "keep": None, "stage": stage, "params": params, **suite,
+                     "decoding": r["mode"], "engine": "hf", "mode": "spec", "device": "cpu", "dtype": "float32",
+                     "batch_size": 1, "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1,
+                     "prompts_per_kind": n_per_kind, "random_weights": False})
     return rows
 
 

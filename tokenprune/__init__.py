@@ -42,3 +42,7 @@ __all__ = [
     "DivPrune",
     "FastV",
 ]
+
+from tokenprune.methods import LazyLLM, SnapKV, TextPruner  # noqa: E402
+
+__all__ += ["TextPruner", "LazyLLM", "SnapKV"]

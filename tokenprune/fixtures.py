@@ -30,6 +30,7 @@ __all__ = [
     "build_tokenizer",
     "build_tiny_llama",
     "build_tiny_llava",
+    "build_tiny_causal_lm",
     "tiny_llama_config",
     "tiny_llava_config",
     "make_image",
@@ -255,3 +256,30 @@ def make_image(size: int, seed: int = 0):
     img = torch.nn.functional.interpolate(coarse[None], size=(size, size), mode="bilinear", align_corners=False)[0]
     img = (img + torch.randint(-40, 40, (3, size, size), generator=gen)).clamp(0, 255).to(torch.uint8)
     return Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
+                         dtype: torch.dtype = torch.float32, **config: Any) -> Path:
+    """Save a random Llama / Qwen2 / Mistral causal LM + tokenizer under ``path`` (``arch`` names it).
+
+    Same shape knobs as :func:`tiny_llama_config`; Mistral is built without a sliding window.
+    """
+    if arch == "llama":
+        return build_tiny_llama(path, seed=seed, dtype=dtype, **config)
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of llama, {', '.join(classes)}, got {arch!r}")
+    config_cls, model_cls = classes[arch]
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    cfg = config_cls(**{**tiny_llama_config(**config).to_diff_dict(), **extra})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 3
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    _save_tokenizer_config(path)
+    return path

@@ -23,3 +23,9 @@ __all__ = [
     "DivPrune",
     "FastV",
 ]
+
+from tokenprune.methods.base import TextPruner  # noqa: E402
+from tokenprune.methods.lazyllm import LazyLLM  # noqa: E402
+from tokenprune.methods.snapkv import SnapKV  # noqa: E402
+
+__all__ += ["TextPruner", "LazyLLM", "SnapKV"]

@@ -146,3 +146,14 @@ class LlavaAdapter(VisionLanguageAdapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+
+
+@register_adapter("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+class CausalLMAdapter(ModelAdapter):
+    """Llama-family text decoders (``model.model`` holds ``layers``, ``rotary_emb``, ``config``):
+    prompt / KV pruning (LazyLLM, SnapKV)."""
+
+    stages = frozenset({"text"})
+
+    def text_model(self) -> Any:
+        return self.model.model

@@ -462,7 +462,7 @@ class SnapKVRuntime:
             valid = _valid_prompt(kwargs.get("attention_mask"), b, q, ref.device)
             counts = torch.tensor([self.method.num_kept(int(n)) for n in valid.sum(1).tolist()], device=ref.device)
             kept = int(counts.max())
-            compress = past is not None and q > self.method.window and kept < q
+            compress = q > self.method.window and kept < q
             self.state = _SnapState(length=q, call=self.handle.stats.new_call(), valid=valid, counts=counts,
                                     kept=kept if compress else 0, prefill=True)
             if compress:
@@ -489,7 +489,9 @@ class SnapKVRuntime:
             st = self.state
             if not (st.prefill and st.kept):
                 return
-            cache = kwargs["past_key_values"]
+            cache = kwargs.get("past_key_values")
+            if cache is None:  # use_cache=False: nothing to compress
+                return
             layer = cache.layers[index]
             attn = module.self_attn
             b, length = st.valid.shape

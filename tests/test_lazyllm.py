@@ -341,3 +341,30 @@ def test_prune_decorator(tiny_llama_path):
     generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
     assert [r.after for r in generate.last_stats.per_layer() if r.kind == "text-prefill"] == [32, 16, 16, 16]
     assert tp.active_handle(model) is None
+
+
+def test_language_model_inside_llava(tiny_llava_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tokenprune.fixtures import make_image
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_path)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_path).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the red square"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[make_image(56)], text=[text], return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+
+    def run():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    base_seq, base_scores = run()
+    with tp.patch(model, tp.LazyLLM(schedule=((1, 1.0),))):
+        seq, scores = run()
+    assert torch.equal(seq, base_seq) and torch.equal(scores, base_scores)
+    with tp.patch(model, tp.LazyLLM(schedule=((1, 0.5), (2, 0.25)), window=2)) as h:
+        run()
+    expected = [length, resolve_keep(0.5, length), resolve_keep(0.25, length), resolve_keep(0.25, length)]
+    assert [r.after for r in h.stats.per_layer() if r.kind == "text-prefill"] == expected

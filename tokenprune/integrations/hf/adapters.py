@@ -122,6 +122,9 @@ class LlavaAdapter(VisionLanguageAdapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``): one contiguous block of placeholders per image,
     a square patch grid, features from ``model.model.get_image_features``."""
 
+    #: "text": prompt / KV pruning (LazyLLM, SnapKV) in its Llama decoder, image tokens included.
+    stages = frozenset({"visual", "llm", "text"})
+
     def text_model(self) -> Any:
         return self.model.model.language_model
 

@@ -164,6 +164,7 @@ class _LazyState:
     next_index: int = 0  # sequence index of the next new token
     q_len: int = 0  # new tokens in this decoding pass
     captured: dict[str, Any] = field(default_factory=dict)
+    keep_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # per scheduled layer, [B]
     # prefill kwargs transformed for the current ``cur`` (keyed by identities)
     kw_key: Any = None
     kw_value: Any = None
@@ -240,9 +241,12 @@ class LazyLLMRuntime:
         return scores
 
     def _keep_counts(self, layer: int) -> torch.Tensor:
-        keep = self.schedule[layer]
-        return torch.tensor([resolve_keep(keep, int(n)) for n in self.state.n_valid.tolist()],
-                            device=self.state.n_valid.device)
+        counts = self.state.keep_counts
+        if layer not in counts:
+            keep = self.schedule[layer]
+            counts[layer] = torch.tensor([resolve_keep(keep, int(n)) for n in self.state.n_valid.tolist()],
+                                         device=self.state.n_valid.device)
+        return counts[layer]
 
     def _forced(self, index: torch.Tensor) -> torch.Tensor:
         return (index >= self.state.length - self.method.window) & (index < self.state.length)
@@ -293,7 +297,11 @@ class LazyLLMRuntime:
         new["position_embeddings"] = (_gather_seq(cos, st.cur.index), _gather_seq(sin, st.cur.index))
         if kwargs.get("position_ids") is not None:
             new["position_ids"] = _gather_seq(kwargs["position_ids"], st.cur.index)
-        new["attention_mask"] = build_mask(self.impl, st.cur.index, st.cur.index, st.cur.valid, dtype)
+        if self.impl == "sdpa" and bool(st.cur.valid.all()):
+            # Slots are in sequence order and none is masked: plain causal attention (SDPA's fast path).
+            new["attention_mask"] = None
+        else:
+            new["attention_mask"] = build_mask(self.impl, st.cur.index, st.cur.index, st.cur.valid, dtype)
         st.kw_key, st.kw_value = key, new
         return new
 

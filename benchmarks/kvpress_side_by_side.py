@@ -108,7 +108,9 @@ def run_kvpress(args) -> None:
                 "reps": args.reps, "new_tokens": args.new_tokens,
                 "ttft_s": statistics.median(r["ttft_s"] for r in rs),
                 "ttft_speedup": statistics.median(r["ttft_s"] for r in base) / statistics.median(r["ttft_s"] for r in rs),
+                "ttft_speedup_paired": statistics.median(b["ttft_s"] / r["ttft_s"] for r, b in zip(rs, base)),
                 "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs),
+                "decode_speedup_paired": statistics.median(r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(rs, base)),
                 "decode_speedup": statistics.median(r["decode_tok_s"] for r in rs)
                 / statistics.median(r["decode_tok_s"] for r in base),
                 "kv_prefill_bytes": rs[0]["kv_prefill_bytes"], "kv_ratio": rs[0]["kv_prefill_bytes"] / base[0]["kv_prefill_bytes"],

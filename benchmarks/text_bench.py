@@ -6,6 +6,7 @@ For each prompt length and each repetition, every method runs once on the same p
 repetitions and speed-ups are ratios of medians taken in the same run:
 
 * ``ttft_s``: time to the first generated token (``generate`` entry to the first logits);
+* ``*_paired``: median over repetitions of the per-repetition ratio (robust to load drift);
 * ``decode_tok_s``: generated tokens per second after the first one; ``total_s``: the whole
   ``generate`` call (prefill + ``new_tokens - 1`` decoding steps);
 * ``kv_bytes``: KV cache held after prefill (``aux_bytes``: LazyLLM's aux hidden states);
@@ -216,8 +217,12 @@ def run_text_benchmark(
                 "config": json.dumps(method.to_config()) if method is not None else "{}",
                 "reps": reps, "new_tokens": new_tokens,
                 "ttft_s": ttft, "ttft_speedup": base_ttft / ttft,
+                # per-repetition ratios (same prompt, back to back) are robust to load drifting
+                # between repetitions on a shared machine
+                "ttft_speedup_paired": statistics.median(b["ttft_s"] / r["ttft_s"] for r, b in zip(rs, base)),
                 "decode_tok_s": decode, "decode_speedup": decode / base_decode,
                 "total_s": total, "total_speedup": statistics.median(r["total_s"] for r in base) / total,
+                "decode_speedup_paired": statistics.median(r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(rs, base)),
                 "kv_prefill_bytes": rs[0]["kv_prefill_bytes"],
                 "kv_ratio": rs[0]["kv_prefill_bytes"] / base[0]["kv_prefill_bytes"],
                 "kv_bytes_end": rs[0]["kv_bytes_end"], "aux_bytes": rs[0]["aux_bytes"],

@@ -38,8 +38,9 @@ At decoding steps the model's 2-D attention mask is rewritten to the compressed 
 ids are untouched (original positions).
 
 Limitations: left padding only; greedy/sampling ``generate`` (not beam search, whose cache
-reordering the slot tables do not follow); eager and SDPA attention; no sliding-window attention
-beyond the window.
+reordering the slot tables do not follow); a generation must start from an empty cache (the
+prefill is where pruning happens); eager and SDPA attention; no sliding-window attention beyond
+the window.
 """
 
 from __future__ import annotations
@@ -206,8 +207,10 @@ class LazyLLMRuntime:
                                           after=int(self.state.n_valid[row]), kind="text-prefill")
             return
         st = self.state
-        _check_window(self.adapter, st.next_index + q)
         st.prefill = False
+        if st.valid is None:  # a cache filled before the patch: nothing of it was pruned
+            return
+        _check_window(self.adapter, st.next_index + q)
         st.q_len = q
         index = torch.arange(st.next_index, st.next_index + q, device=ref.device).expand(b, q)
         st.cur = _Slots(index, torch.ones(b, q, dtype=torch.bool, device=ref.device))

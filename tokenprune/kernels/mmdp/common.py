@@ -35,6 +35,7 @@ def prepare_segments(x: torch.Tensor, k: int, cu_seqlens: Optional[torch.Tensor]
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf; mmdp_select needs finite features")
 
+    x = x.detach()  # a selection is not differentiable
     batch_shape = None
     if x.dim() == 3:
         if cu_seqlens is not None:

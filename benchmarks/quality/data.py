@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 336
@@ -143,18 +144,40 @@ def render_scene(scene: Scene) -> Image.Image:
         draw.line((x0, y0, x0 + length * math.cos(angle), y0 + length * math.sin(angle)),
                   fill=rng.choice(palette), width=1)
     for o in scene.objects:
-        fill, h = COLORS[o.color], o.size / 2
-        box = (o.cx - h, o.cy - h, o.cx + h, o.cy + h)
-        if o.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o.shape == "square":
-            s = h * 0.85  # equal area-ish with the circle
-            draw.rectangle((o.cx - s, o.cy - s, o.cx + s, o.cy + s), fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(o.cx, o.cy - h), (o.cx - h, o.cy + h * 0.8), (o.cx + h, o.cy + h * 0.8)], fill=fill)
-        else:
-            draw.polygon(_star(o.cx, o.cy, h * 1.1), fill=fill)
+        _draw_object(draw, o, COLORS[o.color])
     return img
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    h = o.size / 2
+    if o.shape == "circle":
+        draw.ellipse((o.cx - h, o.cy - h, o.cx + h, o.cy + h), fill=fill)
+    elif o.shape == "square":
+        s = h * 0.85  # equal area-ish with the circle
+        draw.rectangle((o.cx - s, o.cy - s, o.cx + s, o.cy + s), fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(o.cx, o.cy - h), (o.cx - h, o.cy + h * 0.8), (o.cx + h, o.cy + h * 0.8)], fill=fill)
+    else:
+        draw.polygon(_star(o.cx, o.cy, h * 1.1), fill=fill)
+
+
+def patch_labels(scene: Scene, patch: int = 14, min_cover: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch ground truth, raster order: colour and shape class of the object covering at least
+    ``min_cover`` of each patch (``0`` = background, else ``1 + index`` in :data:`COLORS` /
+    :data:`SHAPES`). Arrays of shape ``[(336 / patch) ** 2]``; used as dense training targets."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, o in enumerate(scene.objects):
+        _draw_object(draw, o, i + 1)
+    side = IMAGE_SIZE // patch
+    m = np.asarray(mask).reshape(side, patch, side, patch).transpose(0, 2, 1, 3).reshape(side * side, -1)
+    cover = np.stack([(m == i + 1).mean(axis=1) for i in range(len(scene.objects))], axis=1)
+    best = cover.argmax(axis=1)
+    covered = cover.max(axis=1) >= min_cover
+    colors, shapes = list(COLORS), list(SHAPES)
+    color_ids = np.array([1 + colors.index(o.color) for o in scene.objects])[best]
+    shape_ids = np.array([1 + shapes.index(o.shape) for o in scene.objects])[best]
+    return np.where(covered, color_ids, 0), np.where(covered, shape_ids, 0)
 
 
 def _ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
@@ -203,14 +226,20 @@ def sample(split: str, index: int, seed: int = 0, questions: int = 1) -> list[Sa
     """Scene ``index`` of ``split`` and ``questions`` questions about it, types drawn uniformly.
 
     Several questions about one scene let training amortise the image over several answers
-    (multi-turn); evaluation uses one question per scene.
+    (multi-turn; distinct questions when the scene allows); evaluation uses one question per scene.
     """
     rng = _rng(split, seed, index)
     scene = make_scene(rng)
-    out = []
+    out: list[Sample] = []
+    asked: set[str] = set()
     for _ in range(questions):
-        qtype = rng.choice(QUESTION_TYPES)
-        question, answer = _ask(scene, qtype, rng)
+        # Distinct questions within a conversation, so later turns cannot copy an earlier answer.
+        for _attempt in range(20):
+            qtype = rng.choice(QUESTION_TYPES)
+            question, answer = _ask(scene, qtype, rng)
+            if question not in asked:
+                break
+        asked.add(question)
         out.append(Sample(scene, question, answer, qtype))
     return out
 

@@ -186,7 +186,8 @@ def squeezed_positions(ids: list[int], image_token_id: int, rng: random.Random, 
     return positions
 
 
-def make_batch(tokenizer, groups: list[list[data.Sample]], rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+def make_batch(tokenizer, groups: list[list[data.Sample]], rng: random.Random | None = None,
+               squeeze: float = 0.5) -> dict[str, torch.Tensor]:
     encoded = [encode_conversation(tokenizer, g) for g in groups]
     width = max(len(i) for i, _ in encoded)
     pad = tokenizer.pad_token_id
@@ -200,14 +201,14 @@ def make_batch(tokenizer, groups: list[list[data.Sample]], rng: random.Random | 
         labels[row, : len(l)] = torch.tensor(l)
         mask[row, : len(i)] = 1
         if rng is not None:
-            positions[row, : len(i)] = torch.tensor(squeezed_positions(i, image_token_id, rng))
+            positions[row, : len(i)] = torch.tensor(squeezed_positions(i, image_token_id, rng, squeeze))
     batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
         "pixel_values": pixel_values([g[0].scene.render() for g in groups]),
     }
-    if rng is not None:
+    if rng is not None and squeeze > 0:
         batch["position_ids"] = positions
     return batch
 
@@ -285,7 +286,8 @@ def save_classic_layout(model, processor, out: Path, meta: dict) -> None:
 
 
 def train(out: Path, seed: int = 0, steps: int = 1500, batch: int = 8, turns: int = 6, lr: float = 2e-3,
-          aux_weight: float = 0.5, threads: int = 1, log_every: int = 25, init: Path | None = None) -> dict:
+          aux_weight: float = 0.5, threads: int = 1, log_every: int = 25, init: Path | None = None,
+          squeeze: float = 0.5) -> dict:
     """Train for ``steps`` steps and save to ``out``; with ``init``, continue from that checkpoint
     (same tokenizer, fresh auxiliary heads, scenes after the ones it was trained on)."""
     torch.set_num_threads(threads)
@@ -343,7 +345,7 @@ def train(out: Path, seed: int = 0, steps: int = 1500, batch: int = 8, turns: in
     start = time.time()
     for step in range(1, steps + 1):
         groups = [next(stream) for _ in range(batch)]
-        b = make_batch(tokenizer, groups, position_rng)
+        b = make_batch(tokenizer, groups, position_rng, squeeze)
         loss_lm = model(**b).loss
         loss_aux = torch.nn.functional.binary_cross_entropy_with_logits(
             heads["presence"](seen["cls"]), presence_targets(groups))
@@ -368,7 +370,7 @@ def train(out: Path, seed: int = 0, steps: int = 1500, batch: int = 8, turns: in
     model.eval()
     val_acc = answer_accuracy(model, tokenizer, val)
     meta = {
-        "seed": seed, "steps": steps, "batch": batch, "turns": turns, "lr": lr, "aux_weight": aux_weight,
+        "seed": seed, "steps": steps, "batch": batch, "turns": turns, "lr": lr, "aux_weight": aux_weight, "squeeze": squeeze,
         "threads": threads, "train_seconds": round(train_s, 1), "val_accuracy_argmax": round(val_acc, 4),
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -387,12 +389,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--squeeze", type=float, default=0.5,
+                        help="probability of training a conversation on squeezed image positions")
     parser.add_argument("--init", type=Path, default=None, help="continue training this checkpoint")
     parser.add_argument("--threads", type=int, default=1, help="1 keeps runs bit-reproducible and is fastest on a shared machine")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = train(args.out, seed=args.seed, steps=args.steps, batch=args.batch, turns=args.turns, lr=args.lr,
-                 threads=args.threads, init=args.init)
+                 threads=args.threads, init=args.init, squeeze=args.squeeze)
     print(f"saved to {args.out}: val accuracy {meta['val_accuracy_argmax']:.3f} in {meta['train_seconds']:.0f} s")
 
 

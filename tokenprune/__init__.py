@@ -11,15 +11,22 @@ sentence-transformers are imported lazily by the parts that use them.
 from tokenprune.api import patch, prune
 from tokenprune.methods import (
     DivPrune,
+    DraftTree,
     FastV,
+    FlowCut,
+    HoloV,
     ImageTokens,
     InLLMPruner,
     Pruner,
     ScoredVisualPruner,
+    RandomPrune,
+    UniformGrid,
+    VisionZip,
     VisualPruner,
     available_methods,
     build,
 )
+from tokenprune.methods.context import ContextPruner
 from tokenprune.patching import PatchHandle, active_handle
 from tokenprune.stats import PruneRecord, PruneStats
 
@@ -39,6 +46,13 @@ __all__ = [
     "ScoredVisualPruner",
     "InLLMPruner",
     "ImageTokens",
+    "ContextPruner",
     "DivPrune",
     "FastV",
+    "FlowCut",
+    "HoloV",
+    "RandomPrune",
+    "UniformGrid",
+    "VisionZip",
+    "DraftTree",
 ]

@@ -33,10 +33,14 @@ __all__ = [
     "tiny_llama_config",
     "tiny_llava_config",
     "make_image",
+    "build_tiny_llava_next",
+    "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_vl",
 ]
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 IMAGE_TOKEN = "<image>"
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
 
 # A LLaVA-1.5 style template that also renders `documents=` (the transformers RAG convention).
 CHAT_TEMPLATE = (
@@ -255,3 +259,174 @@ def make_image(size: int, seed: int = 0):
     img = torch.nn.functional.interpolate(coarse[None], size=(size, size), mode="bilinear", align_corners=False)[0]
     img = (img + torch.randint(-40, 40, (3, size, size), generator=gen)).clamp(0, 255).to(torch.uint8)
     return Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+def build_tiny_llava_next(
+    path: str | os.PathLike,
+    crop_size: int = 56,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **config: Any,
+) -> Path:
+    """Save a random ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` under ``path``.
+
+    Crops of ``crop_size`` px (56: 16 tokens per crop) on the grid pinpoints ``1x2, 2x1, 2x2`` crops:
+    an image becomes its base crop plus an unpadded high-resolution grid with one newline token per
+    row (a square image: 16 + 64 + 8 = 88 placeholders). Extra keyword arguments go to the text config.
+    Saved in the classic key layout: vLLM (CPU) loads it and its greedy output equals transformers'.
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    base = tiny_llava_config(image_size=crop_size, **config)
+    pinpoints = [[crop_size, 2 * crop_size], [2 * crop_size, crop_size], [2 * crop_size, 2 * crop_size]]
+    cfg = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=SPECIAL_TOKENS.index(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(crop_size // 14) ** 2,
+        pad_token_id=3,
+    )
+    model = LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 3
+    model.save_pretrained(path)
+    _rewrite_classic_llava_keys(path)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": crop_size},
+        crop_size={"height": crop_size, "width": crop_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+    processor.save_pretrained(path)
+    _save_tokenizer_config(path)
+    return path
+
+
+def build_tiny_qwen2_5_vl(
+    path: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 2,
+    vision_depth: int = 4,
+    initializer_range: float = 0.3,
+    version: str = "2.5",
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Save a random ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor`` under ``path``.
+
+    Text head_dim 64 by default (vLLM's CPU attention accepts it) with M-RoPE sections ``[8, 12, 12]``; a
+    4-block vision tower (head_dim 32, full attention in blocks 1 and 3, windows of 2x2 merged tokens
+    elsewhere) with 14 px patches merged 2x2: a 112x112 image gives 16 visual tokens, 112x168 gives 24.
+    The image placeholder is ``<image>`` (id 4), as in the other fixtures; ``<|video_pad|>`` is added
+    to the vocabulary because the processors (HF and vLLM) look it up. vLLM (CPU) loads the checkpoint
+    and its greedy output equals transformers'. ``version="2"`` builds the
+    Qwen2-VL equivalent (full attention in every vision block, no window reordering).
+    """
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    head_dim = hidden_size // num_heads
+    if head_dim % 16:
+        raise ValueError(f"hidden_size / num_heads must be a multiple of 16 (M-RoPE sections), got {head_dim}")
+    tokenizer = build_tokenizer()
+    # Qwen processors (HF and vLLM) look up a video placeholder even for image-only prompts.
+    tokenizer.add_tokens([QWEN_VIDEO_TOKEN], special_tokens=True)
+    video_token_id = tokenizer.convert_tokens_to_ids(QWEN_VIDEO_TOKEN)
+    text = {
+        "vocab_size": 8 * ((len(tokenizer) + 7) // 8),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
+        "max_position_embeddings": 4096,
+        "initializer_range": initializer_range,
+        # M-RoPE sections (t, h, w) over head_dim / 2 in Qwen's 1/4, 3/8, 3/8 proportions ([8, 12, 12] at 64).
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "out_hidden_size": hidden_size,
+        "fullatt_block_indexes": [1, 3],
+        "initializer_range": 0.1,
+    }
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    if version == "2":
+        vision = {
+            "depth": vision_depth, "embed_dim": 64, "hidden_size": hidden_size, "num_heads": 2, "mlp_ratio": 2,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.1,
+        }
+    config_cls, model_cls, processor_cls = (
+        (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
+        if version == "2"
+        else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+    )
+    cfg = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=SPECIAL_TOKENS.index(IMAGE_TOKEN),
+        video_token_id=video_token_id,
+        vision_start_token_id=1,
+        vision_end_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = model_cls(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 3
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    _save_tokenizer_config(path)
+    return path
+
+
+def build_tiny_qwen2_vl(path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Tiny ``Qwen2VLForConditionalGeneration`` (see :func:`build_tiny_qwen2_5_vl`)."""
+    return build_tiny_qwen2_5_vl(path, version="2", **kwargs)

@@ -11,7 +11,7 @@ class PruneRecord:
     """Tokens before/after for one image (``image`` set) or one decoder layer (``layer`` set).
 
     ``call`` numbers the patched top-level calls (``generate`` or a forward pass), ``row`` the batch
-    row, ``image`` the image index inside that row.
+    row, ``image`` the image index inside that row, ``kept`` the indices kept inside the image.
     """
 
     call: int
@@ -21,6 +21,8 @@ class PruneRecord:
     image: Optional[int] = None
     layer: Optional[int] = None
     kind: str = "visual"
+    #: kept token indices inside the image (ascending), for image records
+    kept: Optional[tuple[int, ...]] = None
 
 
 @dataclass

@@ -9,8 +9,15 @@ from tokenprune.methods.base import (
     available_methods,
     build,
 )
+from tokenprune.methods.context import ContextPruner
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
+from tokenprune.methods.flowcut import FlowCut
+from tokenprune.methods.grid import UniformGrid
+from tokenprune.methods.holov import HoloV
+from tokenprune.methods.random import RandomPrune
+from tokenprune.methods.visionzip import VisionZip
+from tokenprune.methods.draft_tree import DraftTree
 
 __all__ = [
     "Pruner",
@@ -20,6 +27,13 @@ __all__ = [
     "ImageTokens",
     "available_methods",
     "build",
+    "ContextPruner",
     "DivPrune",
     "FastV",
+    "FlowCut",
+    "HoloV",
+    "RandomPrune",
+    "UniformGrid",
+    "VisionZip",
+    "DraftTree",
 ]

@@ -153,16 +153,42 @@ class ImageTokens:
         cls_attention: ``[N]`` attention of the vision [CLS] token (or mean query) onto each
             patch at the feature layer, when the adapter provides it.
         extras: adapter-provided inputs a method declared in ``requires``.
+        blocks: ``[(start, rows, cols), ...]``: the tokens ``start .. start + rows*cols`` form a
+            row-major ``rows x cols`` patch grid. Set by adapters whose images are several grids
+            (LLaVA-NeXT: base image + unpadded high-resolution grid); ``None`` means ``grid``.
     """
 
     features: torch.Tensor
     grid: Optional[tuple[int, int]] = None
     cls_attention: Optional[torch.Tensor] = None
     extras: dict[str, Any] | None = None
+    blocks: Optional[list[tuple[int, int, int]]] = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.features.shape[0])
+
+    def spatial_blocks(self) -> Optional[list[tuple[int, int, int]]]:
+        """The image's patch grids as ``[(start, rows, cols)]`` covering all its tokens in order, or
+        ``None`` when it has no (complete) layout."""
+        if self.blocks is not None:
+            starts = [0]
+            for _, rows, cols in self.blocks:
+                starts.append(starts[-1] + rows * cols)
+            contiguous = all(block[0] == start for block, start in zip(self.blocks, starts))
+            return list(self.blocks) if contiguous and starts[-1] == self.num_tokens else None
+        if self.grid is not None and self.grid[0] * self.grid[1] == self.num_tokens:
+            return [(0, int(self.grid[0]), int(self.grid[1]))]
+        return None
+
+    def require(self, name: str, method: str) -> Any:
+        """An adapter-provided input (``"cls_attention"`` or an ``extras`` key), or a clear error."""
+        value = self.cls_attention if name == "cls_attention" else (self.extras or {}).get(name)
+        if value is None:
+            raise ValueError(
+                f"{method} needs {name!r} for each image, which this model's adapter did not provide"
+            )
+        return value
 
 
 @dataclass

@@ -8,6 +8,10 @@ layers ``>= K`` (layers ``< K`` keep every token). Paper defaults: K = 2, R = 50
 
 The score comes from ``tokenprune.kernels.attention_topk`` on layer ``K - 1``'s queries and keys,
 so every layer keeps running SDPA/flash attention. Kept tokens keep their original positions.
+
+``score="last"`` (default) ranks by the attention of the last prompt token, as the public code does;
+``score="text_mean"`` averages the attention of every text token after the row's last image (the
+instruction), closer to the paper's wording ("average attention received").
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ class FastV(InLLMPruner):
         layer: K, the first decoder layer that sees the pruned sequence (``1 <= K < num_layers``).
         keep: image tokens kept per image: a count or a fraction (``0.5`` = the paper's R = 50%).
         impl: ``attention_topk`` implementation, ``"auto"`` | ``"triton"`` | ``"torch"``.
+        score: ``"last"`` (last prompt token) or ``"text_mean"`` (mean over the text after the images).
     """
 
     layer: int = 2
     keep: int | float = 0.5
     impl: str = "auto"
+    score: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.score not in ("last", "text_mean"):
+            raise ValueError(f"score must be 'last' or 'text_mean', got {self.score!r}")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")

@@ -79,7 +79,8 @@ class FastVRuntime:
     def capture(self, name: str):
         def hook(module: Any, inputs: tuple, output: torch.Tensor) -> None:
             if self.state.prefill and self.state.kept is None:
-                self.state.captured[name] = output if name == "k" else output[:, -1:]
+                last_only = name == "q" and getattr(self.method, "score", "last") == "last"
+                self.state.captured[name] = output[:, -1:] if last_only else output
 
         return hook
 
@@ -92,14 +93,18 @@ class FastVRuntime:
         b, length = st.input_ids.shape
         attn = self.adapter.decoder_layers[self.layer - 1].self_attn
         head_dim = attn.head_dim
-        q = st.captured["q"].view(b, 1, -1, head_dim).transpose(1, 2)
+        q_len = st.captured["q"].shape[1]
+        q = st.captured["q"].view(b, q_len, -1, head_dim).transpose(1, 2)
         k = st.captured["k"].view(b, length, -1, head_dim).transpose(1, 2)
         cos, sin = st.captured["position_embeddings"]
         rotary = self.adapter.apply_rotary(attn)
-        q = rotary(q, q, cos[:, -1:], sin[:, -1:])[0]
+        q = rotary(q, q, cos[:, -q_len:], sin[:, -q_len:])[0]
         k = rotary(k, k, cos, sin)[1]
         padding = st.attention_mask.bool() if st.attention_mask is not None else None
-        _, scores = attention_topk(q, k, 1, key_padding_mask=padding, scale=attn.scaling, impl=self.method.impl)
+        if getattr(self.method, "score", "last") == "text_mean":
+            scores = self._text_mean_scores(q, k, padding, attn.scaling)
+        else:
+            _, scores = attention_topk(q, k, 1, key_padding_mask=padding, scale=attn.scaling, impl=self.method.impl)
 
         call = self.handle.stats.new_call()
         kept_rows = []
@@ -107,10 +112,11 @@ class FastVRuntime:
             keep = torch.ones(length, dtype=torch.bool, device=scores.device)
             for image, (start, end) in enumerate(self.adapter.image_runs(st.input_ids[row])):
                 n_kept = self.method.num_kept(end - start)
+                chosen = topk_ascending(scores[row, start:end], n_kept)
                 keep[start:end] = False
-                keep[start + topk_ascending(scores[row, start:end], n_kept)] = True
+                keep[start + chosen] = True
                 self.handle.stats.add(call=call, row=row, image=image, layer=self.layer, before=end - start,
-                                      after=n_kept, kind="llm")
+                                      after=n_kept, kind="llm", kept=tuple(chosen.tolist()))
             kept_rows.append(torch.nonzero(keep).flatten())
             valid = padding[row] if padding is not None else torch.ones(length, dtype=torch.bool, device=keep.device)
             self.handle.stats.add(call=call, row=row, layer=self.layer, before=int(valid.sum()),
@@ -135,6 +141,25 @@ class FastVRuntime:
         if padding is not None:
             key_valid &= torch.gather(padding, 1, kept)
         st.kept, st.key_valid = kept, key_valid
+
+    def _text_mean_scores(self, q: torch.Tensor, k: torch.Tensor, padding: Optional[torch.Tensor],
+                          scale: float) -> torch.Tensor:
+        """``score="text_mean"``: per row, the attention of the text after its last image (the
+        instruction), averaged over those queries and heads. ``[B, L]``."""
+        st = self.state
+        b, length = st.input_ids.shape
+        scores = torch.zeros(b, length, device=k.device)
+        for row in range(b):
+            runs = self.adapter.image_runs(st.input_ids[row])
+            if not runs:
+                continue
+            queries = length - runs[-1][1]
+            if queries == 0:  # the prompt ends with an image: fall back to its last token
+                queries = 1
+            mask = padding[row : row + 1] if padding is not None else None
+            _, scores[row] = attention_topk(q[row : row + 1, :, -queries:], k[row : row + 1], 1,
+                                            key_padding_mask=mask, scale=scale, impl=self.method.impl)
+        return scores
 
     @property
     def pruning(self) -> bool:

@@ -9,8 +9,11 @@ decoded, so the prompt itself gets shorter: ``generate`` (and a direct forward p
    tokens as the method kept (rows re-padded on the side they were padded on),
 4. hand the selected embeddings to the model as pre-computed encoder outputs.
 
-The decoder and its KV cache therefore only ever see the kept tokens. Positions are re-indexed:
-the decoder sees a shorter, contiguous prompt, as DivPrune/VisionZip do in their public code.
+The decoder and its KV cache therefore only ever see the kept tokens. Positions are the adapter's
+choice (:meth:`VisionLanguageAdapter.pruned_kwargs`): LLaVA-1.5/NeXT re-index (the decoder sees a
+shorter, contiguous prompt, as DivPrune/VisionZip do in their public code); Qwen2-VL/Qwen2.5-VL keep
+each kept token's original 3-D M-RoPE position. Adapters may also lay an image's kept tokens out
+with extra structural slots (LLaVA-NeXT's row newlines, :meth:`VisionLanguageAdapter.layout`).
 ``generate`` returns the caller's *original* prompt ids followed by the new tokens, exactly as the
 unpatched model does, so slicing ``out[:, prompt_len:]`` keeps working.
 """
@@ -32,7 +35,7 @@ from tokenprune.patching import PatchHandle
 class PrunedInputs:
     input_ids: torch.Tensor  # [B, L'] re-padded
     attention_mask: torch.Tensor  # [B, L']
-    encoder_kwargs: dict[str, Any]
+    encoder_kwargs: dict[str, Any]  # encoder outputs, token-aligned tensors, positions
 
 
 def _padding_side(attention_mask: torch.Tensor) -> str:
@@ -47,7 +50,7 @@ def _padding_side(attention_mask: torch.Tensor) -> str:
 def assign_images_to_runs(adapter: VisionLanguageAdapter, input_ids: torch.Tensor, images: list[ImageTokens]):
     """Map images (in batch order) to their placeholder blocks: ``[(row, start, end, image_idx)]``.
 
-    Adjacent images without a separator form one placeholder run; it is split by image size.
+    Adjacent images without a separator form one placeholder run; it is split by image block size.
     """
     placements = []
     next_image = 0
@@ -59,7 +62,7 @@ def assign_images_to_runs(adapter: VisionLanguageAdapter, input_ids: torch.Tenso
                     raise ValueError(
                         f"the prompt has more image placeholder tokens than the {len(images)} image(s) provide"
                     )
-                n = images[next_image].num_tokens
+                n = adapter.block_size(images[next_image])
                 if pos + n > end:
                     raise ValueError(
                         f"image {next_image} has {n} tokens but its placeholder block in row {row} has "
@@ -80,56 +83,63 @@ def prune_inputs(
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     image_inputs: dict[str, Any],
+    aligned: Optional[dict[str, torch.Tensor]] = None,
 ) -> PrunedInputs:
-    """Encode, select and rewrite one batch (steps 1-4 of the module docstring)."""
+    """Encode, select and rewrite one batch (steps 1-4 of the module docstring).
+
+    ``aligned`` holds keyword arguments shaped like ``input_ids`` (``mm_token_type_ids``...): they
+    are gathered like ``input_ids`` and returned in ``encoder_kwargs``.
+    """
+    aligned = aligned or {}
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     images = adapter.encode_images(image_inputs, method.requires)
     placements = assign_images_to_runs(adapter, input_ids, images)
     kept = method.select_batch(images)
-    features = [method.merge(image, idx) for image, idx in zip(images, kept)]
+    slots = [adapter.layout(image, idx, method.merge(image, idx)) for image, idx in zip(images, kept)]
 
     call = handle.stats.new_call()
-    rows_ids, rows_mask = [], []
     by_row: dict[int, list[tuple[int, int, int]]] = {}
     for row, start, end, image_idx in placements:
         by_row.setdefault(row, []).append((start, end, image_idx))
-    image_in_row: dict[int, int] = {}
+    device = input_ids.device
+    rows_index = []
     for row in range(input_ids.shape[0]):
-        pieces_ids, pieces_mask, cursor = [], [], 0
-        for start, end, image_idx in by_row.get(row, []):
-            n_kept = features[image_idx].shape[0]
-            pieces_ids += [input_ids[row, cursor:start], input_ids.new_full((n_kept,), adapter.image_token_id)]
-            pieces_mask += [attention_mask[row, cursor:start], attention_mask.new_ones(n_kept)]
+        pieces, cursor = [], 0
+        for slot, (start, end, image_idx) in enumerate(by_row.get(row, [])):
+            offsets = slots[image_idx][0].to(device)
+            pieces += [torch.arange(cursor, start, device=device), start + offsets]
             cursor = end
-            slot = image_in_row.get(row, 0)
-            image_in_row[row] = slot + 1
-            handle.stats.add(call=call, row=row, image=slot, before=end - start, after=n_kept)
-        pieces_ids.append(input_ids[row, cursor:])
-        pieces_mask.append(attention_mask[row, cursor:])
-        ids = torch.cat(pieces_ids)
-        mask = torch.cat(pieces_mask)
+            handle.stats.add(call=call, row=row, image=slot, before=end - start, after=int(offsets.numel()),
+                             kept=tuple(kept[image_idx].tolist()))
+        pieces.append(torch.arange(cursor, input_ids.shape[1], device=device))
+        index = torch.cat(pieces)
         # Drop the row's old padding; re-padded below to the new common length.
-        valid = mask.bool()
-        rows_ids.append(ids[valid] if not bool(valid.all()) else ids)
-        rows_mask.append(mask[valid] if not bool(valid.all()) else mask)
+        rows_index.append(index[attention_mask[row, index].bool()])
 
     side = _padding_side(attention_mask)
-    length = max(r.shape[0] for r in rows_ids)
-    pad_id = adapter.pad_token_id()
-    new_ids = input_ids.new_full((len(rows_ids), length), pad_id)
-    new_mask = attention_mask.new_zeros((len(rows_ids), length))
-    for row, (ids, mask) in enumerate(zip(rows_ids, rows_mask)):
-        n = ids.shape[0]
+    length = max(r.shape[0] for r in rows_index)
+    index = torch.full((len(rows_index), length), -1, dtype=torch.long, device=device)
+    for row, idx in enumerate(rows_index):
+        n = idx.shape[0]
         if side == "left":
-            new_ids[row, length - n :], new_mask[row, length - n :] = ids, mask
+            index[row, length - n :] = idx
         else:
-            new_ids[row, :n], new_mask[row, :n] = ids, mask
-    return PrunedInputs(new_ids, new_mask, adapter.encoder_outputs(features))
+            index[row, :n] = idx
+    valid = index >= 0
+    safe = index.clamp_min(0)
+    new_ids = torch.gather(input_ids, 1, safe).masked_fill(~valid, adapter.pad_token_id())
+    new_mask = valid.to(attention_mask.dtype)
+    extra = {key: torch.gather(value, 1, safe.to(value.device)).masked_fill(~valid.to(value.device), 0)
+             for key, value in aligned.items()}
+    full_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs, **aligned}
+    extra.update(adapter.pruned_kwargs(full_inputs, index, new_mask))
+    extra.update(adapter.encoder_outputs([features for _, features in slots]))
+    return PrunedInputs(new_ids, new_mask, extra)
 
 
 def _pop_inputs(args: tuple, kwargs: dict[str, Any], adapter: VisionLanguageAdapter):
-    """Separate input_ids / attention_mask / image inputs from a generate/forward call."""
+    """Separate input_ids / attention_mask / image inputs / token-aligned inputs from a call."""
     kwargs = dict(kwargs)
     args = list(args)
     input_ids = kwargs.pop("input_ids", None)
@@ -138,10 +148,19 @@ def _pop_inputs(args: tuple, kwargs: dict[str, Any], adapter: VisionLanguageAdap
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args.pop(0)
     image_inputs = {key: kwargs.pop(key) for key in adapter.image_input_keys if key in kwargs}
-    for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
+    for key in adapter.image_option_keys:
         if key in kwargs:
             image_inputs[key] = kwargs.pop(key)
-    return input_ids, kwargs.pop("attention_mask", None), image_inputs, tuple(args), kwargs
+    aligned = {key: kwargs.pop(key) for key in adapter.token_aligned_keys if kwargs.get(key) is not None}
+    return input_ids, kwargs.pop("attention_mask", None), image_inputs, aligned, tuple(args), kwargs
+
+
+def _check_supported(adapter: VisionLanguageAdapter, other: dict[str, Any]) -> None:
+    for key in adapter.unsupported_keys:
+        if other.get(key) is not None:
+            raise NotImplementedError(
+                f"{key} cannot be combined with pre-LLM visual pruning on {type(adapter.model).__name__} yet"
+            )
 
 
 def install(handle: PatchHandle, adapter: VisionLanguageAdapter, method: VisualPruner) -> None:
@@ -156,13 +175,16 @@ def install(handle: PatchHandle, adapter: VisionLanguageAdapter, method: VisualP
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        input_ids, attention_mask, image_inputs, rest, other = _pop_inputs(args, kwargs, adapter)
+        input_ids, attention_mask, image_inputs, aligned, rest, other = _pop_inputs(args, kwargs, adapter)
         if not has_images(image_inputs):
             return original_generate(*args, **kwargs)
         if input_ids is None:
             raise ValueError("visual token pruning needs input_ids (the image placeholders locate each image)")
+        _check_supported(adapter, other)
+        if other.get("position_ids") is not None:
+            raise NotImplementedError("position_ids cannot be combined with pre-LLM pruning: the sequence is shortened")
         with torch.no_grad():  # generate never differentiates; neither does its preparation
-            pruned = prune_inputs(handle, adapter, method, input_ids, attention_mask, image_inputs)
+            pruned = prune_inputs(handle, adapter, method, input_ids, attention_mask, image_inputs, aligned)
         inside_generate["depth"] += 1
         try:
             out = original_generate(
@@ -176,7 +198,7 @@ def install(handle: PatchHandle, adapter: VisionLanguageAdapter, method: VisualP
     def forward(*args: Any, **kwargs: Any) -> Any:
         if inside_generate["depth"]:
             return original_forward(*args, **kwargs)
-        input_ids, attention_mask, image_inputs, rest, other = _pop_inputs(args, kwargs, adapter)
+        input_ids, attention_mask, image_inputs, aligned, rest, other = _pop_inputs(args, kwargs, adapter)
         past = other.get("past_key_values")
         prefill = past is None or past.get_seq_length() == 0
         if not has_images(image_inputs) or not prefill:
@@ -186,7 +208,8 @@ def install(handle: PatchHandle, adapter: VisionLanguageAdapter, method: VisualP
         for key in ("position_ids", "labels"):
             if other.get(key) is not None:
                 raise NotImplementedError(f"{key} cannot be combined with pre-LLM pruning: the sequence is shortened")
-        pruned = prune_inputs(handle, adapter, method, input_ids, attention_mask, image_inputs)
+        _check_supported(adapter, other)
+        pruned = prune_inputs(handle, adapter, method, input_ids, attention_mask, image_inputs, aligned)
         return original_forward(
             *rest, input_ids=pruned.input_ids, attention_mask=pruned.attention_mask, **pruned.encoder_kwargs, **other
         )

@@ -32,6 +32,8 @@ def prepare_args(q, k, keep, key_start, key_end, causal, scale, key_padding_mask
     bk, hk, lk, dk = k.shape
     if bk != b or dk != d:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
+    if lq == 0 or d == 0:
+        raise ValueError(f"q needs at least one query row and a non-empty head_dim, got shape {tuple(q.shape)}")
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the key heads ({hk})")
     if causal and lq > lk:
@@ -52,3 +54,21 @@ def prepare_args(q, k, keep, key_start, key_end, causal, scale, key_padding_mask
             raise ValueError(f"key_padding_mask must be a bool tensor [B, Lk] = [{b}, {lk}], got "
                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
     return AttnTopkArgs(q, k, keep, key_start, key_end, causal, float(scale), key_padding_mask)
+
+
+def topk_ascending_rows(scores: torch.Tensor, keep: int, offset: int) -> torch.Tensor:
+    """Per row: indices of the ``keep`` largest scores (ties to the lowest index), ascending, + offset."""
+    keep = min(keep, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+    return torch.sort(order, dim=-1).values + offset
+
+
+def finish(args: AttnTopkArgs, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, scores)`` from averaged probabilities ``[B, key_end - key_start]``.
+
+    Probabilities are finite by construction, so a non-finite score can only come from NaN/inf in
+    ``q`` or ``k``; checking the small score tensor costs far less than scanning ``k``.
+    """
+    if scores.numel() and not bool(torch.isfinite(scores).all()):
+        raise ValueError("q or k contains NaN or inf: the attention scores are not finite")
+    return topk_ascending_rows(scores, args.keep, args.key_start), scores

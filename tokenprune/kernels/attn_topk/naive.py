@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenprune.kernels.attn_topk.common import AttnTopkArgs
+from tokenprune.kernels.attn_topk.common import AttnTopkArgs, finish
 
 CHUNK = 4096
 
@@ -59,13 +59,5 @@ def attention_scores_torch(args: AttnTopkArgs) -> torch.Tensor:
     return scores
 
 
-def topk_ascending_rows(scores: torch.Tensor, keep: int, offset: int) -> torch.Tensor:
-    """Per row: indices of the ``keep`` largest scores (ties to the lowest index), ascending, + offset."""
-    keep = min(keep, scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
-    return torch.sort(order, dim=-1).values + offset
-
-
 def attention_topk_torch(args: AttnTopkArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = attention_scores_torch(args)
-    return topk_ascending_rows(scores, args.keep, args.key_start), scores
+    return finish(args, attention_scores_torch(args))

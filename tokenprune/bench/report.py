@@ -1,0 +1,296 @@
+"""Reporting of tokenprune-bench results: environment metadata, tables, JSON/CSV files, plots.
+
+Results files hold ``{"meta": {...}, "results": [row, ...]}`` (JSON) or one row per line with the
+metadata repeated in ``meta_*`` columns (CSV); :func:`load_results` reads both back, so
+``tokenprune-bench report`` can redraw tables and plots from committed results.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["environment", "write_json", "write_csv", "load_results", "print_table", "markdown_table", "plot_results",
+           "RANDOM_WEIGHTS_NOTE"]
+
+RANDOM_WEIGHTS_NOTE = ("random weights: latency and token counts are real, output quality is meaningless "
+                       "(use a trained checkpoint path for quality)")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    """Commit of the checkout this package runs from (``+dirty`` with uncommitted changes), if any."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def _version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in (package, f"{package}-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Machine, device and software facts to store beside every result."""
+    import tokenprune
+
+    dev = torch.device(device)
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "vllm": _version("vllm"),
+        "triton": _version("triton"),
+        "tokenprune": tokenprune.__version__,
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    if dev.type == "cuda":
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+# ----------------------------------------------------------------------------------------- files
+def write_json(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
+
+
+def write_csv(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """One line per row; nested values as JSON; metadata repeated as ``meta_<key>`` columns."""
+    flat = [{**{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()},
+             **{f"meta_{k}": (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in meta.items()}}
+            for row in rows]
+    columns: list[str] = []
+    for row in flat:
+        columns += [k for k in row if k not in columns]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def _parse_cell(value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def load_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(meta, rows)`` from a JSON or CSV file written by :func:`write_json` / :func:`write_csv`.
+
+    Raises:
+        ValueError: missing file or not a results file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"results file {str(path)!r} does not exist")
+    if p.suffix.lower() == ".csv":
+        with open(p, newline="") as f:
+            raw = list(csv.DictReader(f))
+        if not raw or "method" not in raw[0]:
+            raise ValueError(f"{path} is not a tokenprune-bench CSV (no 'method' column)")
+        rows = [{k: _parse_cell(v) for k, v in r.items() if not k.startswith("meta_")} for r in raw]
+        meta = {k[5:]: _parse_cell(v) for k, v in raw[0].items() if k.startswith("meta_")}
+        for row in rows:  # "method" and "label" are names even when they look like numbers
+            row["method"], row["label"] = str(row["method"]), str(row.get("label") or row["method"])
+        return meta, rows
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path} is not a tokenprune-bench results file (no 'results' list)")
+    return data.get("meta", {}), data["results"]
+
+
+# ----------------------------------------------------------------------------------------- tables
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def _spread(row: dict[str, Any], metric: str, spec: str) -> str:
+    """``median [q1-q3]``."""
+    if row.get(metric) is None:
+        return "-"
+    if row.get(f"{metric}_q1") is None:
+        return _fmt(row[metric], spec)
+    return f"{row[metric]:{spec}} [{row[f'{metric}_q1']:{spec}}-{row[f'{metric}_q3']:{spec}}]"
+
+
+def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: Any = None, title: str = "") -> None:
+    """A rich table: TTFT, decode tok/s, tokens kept, speedup and the ideal ratio, per variant."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    first = rows[0] if rows else {}
+    caption_bits = [
+        f"{first.get('model', '?')} ({first.get('num_parameters', 0) / 1e6:.1f}M params)" if first else "",
+        f"{meta.get('device_name', '')} ({first.get('device', '')}, {first.get('dtype', '')}, "
+        f"{meta.get('torch_threads', '?')} threads)",
+        f"batch {first.get('batch_size')}, {first.get('new_tokens')} new tokens, "
+        f"median [IQR] of {first.get('reps')} interleaved reps after {first.get('warmup')} warm-up",
+    ]
+    table = Table(title=title or "tokenprune-bench", caption=" | ".join(b for b in caption_bits if b))
+    for name, justify in [("method", "left"), ("visual tokens", "right"), ("prompt tokens", "right"),
+                          ("TTFT ms", "right"), ("decode tok/s", "right"), ("peak +MB", "right"),
+                          ("TTFT speedup", "right"), ("ideal", "right"), ("speedup/ideal", "right")]:
+        table.add_column(name, justify=justify, no_wrap=True)
+    for row in rows:
+        before, after = row.get("visual_tokens_before"), row.get("visual_tokens_after")
+        tokens = f"{after}/{before}" if before is not None else "-"
+        speedup = row.get("speedup")
+        speed_txt = "-" if speedup is None else (
+            f"{speedup:.2f}x" if row.get("speedup_q1") is None
+            else f"{speedup:.2f}x [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]")
+        ideal = row.get("ideal_ratio")
+        table.add_row(
+            str(row.get("label", row.get("method"))),
+            tokens,
+            _fmt(row.get("prompt_tokens_after"), "d"),
+            _spread(row, "ttft_ms", ".1f"),
+            _spread(row, "decode_tok_s", ".1f"),
+            _fmt(row.get("peak_mem_mb"), ".0f"),
+            speed_txt,
+            "-" if ideal is None else f"{ideal:.2f}x",
+            _fmt(row.get("ratio_to_ideal"), ".0%"),
+        )
+    console.print(table)
+    if any(r.get("random_weights") for r in rows):
+        console.print(f"[dim]note: {RANDOM_WEIGHTS_NOTE}[/dim]")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The table of :func:`print_table` as GitHub markdown, with a provenance line (for READMEs)."""
+    lines = ["| model | method | visual tokens | prompt tokens | TTFT ms (median) | TTFT speedup [IQR] | ideal "
+             "| speedup / ideal | decode tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        speed = row.get("speedup")
+        speed_txt = "-" if speed is None else f"{speed:.2f}x" + (
+            f" [{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}]" if row.get("speedup_q1") is not None else "")
+        lines.append(
+            f"| {row.get('model', '-')} | {row.get('label', row.get('method'))} "
+            f"| {row.get('visual_tokens_after', '-')}/{row.get('visual_tokens_before', '-')} "
+            f"| {_fmt(row.get('prompt_tokens_after'), 'd')} | {_fmt(row.get('ttft_ms'), '.1f')} | {speed_txt} "
+            f"| {_fmt(row.get('ideal_ratio'), '.2f')}x | {_fmt(row.get('ratio_to_ideal'), '.0%')} "
+            f"| {_fmt(row.get('decode_tok_s'), '.1f')} |")
+    first = rows[0] if rows else {}
+    lines.append("")
+    lines.append(f"{meta.get('date', '?')[:10]}, {meta.get('device_name', '?')} ({first.get('device', '?')}, "
+                 f"{meta.get('torch_threads', '?')} threads), torch {meta.get('torch', '?')}, transformers "
+                 f"{meta.get('transformers', '?')}, commit {str(meta.get('git_commit', '?'))[:10]}; batch "
+                 f"{first.get('batch_size')}, {first.get('new_tokens')} new tokens, median of {first.get('reps')} "
+                 "interleaved repetitions. Random weights: latency is real, quality meaningless.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- plots
+def plot_results(
+    rows: Sequence[dict[str, Any]], path: str | os.PathLike, meta: Optional[dict[str, Any]] = None
+) -> None:
+    """TTFT speedup against keep, one line per method, with each method's ideal ratio dashed.
+
+    Methods measured at a single keep become points; a ``quality`` column, when present, is drawn
+    on a second axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("method") != "baseline" and row.get("speedup") is not None:
+            methods.setdefault(str(row["method"]), []).append(row)
+    if not methods:
+        raise ValueError("no method rows with a speedup to plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    has_quality = any(r.get("quality") is not None for rs in methods.values() for r in rs)
+    ax_q = ax.twinx() if has_quality else None
+
+    def keep_tokens(row: dict[str, Any]) -> float:
+        # Fractions are drawn at the token count they keep, so int and float keeps share an axis.
+        return float(row.get("visual_tokens_after") if row.get("visual_tokens_after") is not None else row["keep"])
+
+    for i, (name, rs) in enumerate(sorted(methods.items())):
+        rs = sorted(rs, key=keep_tokens)
+        xs = [keep_tokens(r) for r in rs]
+        color = f"C{i}"
+        ys = [r["speedup"] for r in rs]
+        # The bars show the paired per-repetition ratios' IQR, which need not contain the ratio of
+        # medians drawn as the point: clamp instead of failing.
+        lo = [max(0.0, r["speedup"] - r.get("speedup_q1", r["speedup"])) for r in rs]
+        hi = [max(0.0, r.get("speedup_q3", r["speedup"]) - r["speedup"]) for r in rs]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", color=color, capsize=3, label=f"{name} measured")
+        if all(r.get("ideal_ratio") for r in rs):
+            ax.plot(xs, [r["ideal_ratio"] for r in rs], linestyle="--", color=color, alpha=0.6,
+                    label=f"{name} ideal (token-layers)")
+        if ax_q is not None:
+            qs = [(x, r["quality"]) for x, r in zip(xs, rs) if r.get("quality") is not None]
+            if qs:
+                ax_q.plot(*zip(*qs), marker="s", linestyle=":", color=color, label=f"{name} quality")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("visual tokens kept per image")
+    ax.set_ylabel("TTFT speedup vs baseline (x)")
+    first = rows[0]
+    device = (meta or {}).get("device_name") or first.get("device", "")
+    ax.set_title(f"{first.get('model', '')}: TTFT speedup vs keep\n{device}", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if ax_q is not None:
+        ax_q.set_ylabel("quality")
+        h2, l2 = ax_q.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

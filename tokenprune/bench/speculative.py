@@ -1,0 +1,244 @@
+"""Benchmark of DraftTree speculative decoding against plain greedy decoding and HF prompt lookup.
+
+No pretrained language model can be downloaded here, and a random model neither copies nor
+continues text, so the benchmark trains a small Llama once (seeded, a few minutes on two CPU cores,
+cached; and a smaller one as the draft model) on a synthetic corpus with the two regimes speculative decoding cares about:
+
+* *repetitive / code-like*: a random motif repeated (the model must copy from its context,
+  which needs induction heads), optionally with a few edited tokens;
+* *prose*: samples of a sparse random Markov chain (each token has three likely successors), so
+  the next token is predictable only from local statistics.
+
+For each decoding mode (greedy, sampling), prompt kind, source and budget it reports the target forwards per generated token, the
+tokens per target forward, the wall-clock speedup over ``model.generate(do_sample=False)``
+(baseline and method interleaved, medians over repetitions) and whether the output was identical.
+Transformers' own prompt-lookup decoding (``prompt_lookup_num_tokens``) runs on the same prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFIGS", "PRESETS"]
+
+VOCAB = 64
+SEQ = 96
+# marker in a config: the benchmark's own draft model (same recipe, hidden 32, 1000 steps)
+BENCH_DRAFT = "<bench-draft>"
+DRAFT_RECIPE = dict(steps=1000, hidden=32, layers=2)
+# target model recipes: "medium" makes the forward costlier than the decoding loop's Python
+PRESETS = {"tiny": dict(steps=1500, hidden=64, layers=2), "medium": dict(steps=1500, hidden=128, layers=4)}
+
+# (label, DraftTree kwargs or a special marker)
+DEFAULT_CONFIGS: list[tuple[str, Any]] = [
+    ("hf-prompt-lookup-10", "prompt_lookup"),
+    ("ngram-b4", dict(sources=("ngram",), budget=4)),
+    ("ngram-b16", dict(sources=("ngram",), budget=16)),
+    ("ngram-auto", dict(sources=("ngram",), budget="auto")),
+    ("recycling-b16", dict(sources=("recycling",), budget=16)),
+    ("recycling-auto", dict(sources=("recycling",), budget="auto")),
+    ("ngram+recycling-b16", dict(sources=("ngram", "recycling"), budget=16)),
+    ("ngram+recycling-auto", dict(sources=("ngram", "recycling"), budget="auto")),
+    ("retrieval+ngram-auto", dict(sources=("retrieval", "ngram"), budget="auto")),
+    ("draft-b16", dict(sources=("draft_model",), budget=16, draft_model=BENCH_DRAFT)),
+    ("ngram+draft-auto", dict(sources=("ngram", "draft_model"), budget="auto", draft_model=BENCH_DRAFT)),
+]
+
+
+def _markov(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(VOCAB, generator=g)[:3] for _ in range(VOCAB)])  # [V, 3] successors
+
+
+def _sample(kind: str, length: int, g: torch.Generator, successors: torch.Tensor) -> torch.Tensor:
+    if kind == "prose":
+        out = [int(torch.randint(0, VOCAB, (1,), generator=g))]
+        probs = torch.tensor([0.6, 0.3, 0.1])
+        while len(out) < length:
+            out.append(int(successors[out[-1], torch.multinomial(probs, 1, generator=g)]))
+        return torch.tensor(out)
+    k = int(torch.randint(6, 17, (1,), generator=g))
+    seq = torch.randint(0, VOCAB, (k,), generator=g).repeat(length // k + 2)[:length].clone()
+    if kind == "code":  # edited copies: a few tokens differ between repetitions
+        for pos in torch.randint(k, length, (max(1, length // 24),), generator=g).tolist():
+            seq[pos] = int(torch.randint(0, VOCAB, (1,), generator=g))
+    return seq
+
+
+def train_copy_lm(cache_dir: str | os.PathLike, steps: int = 1500, seed: int = 0, hidden: int = 64,
+                  layers: int = 2, verbose: bool = True):
+    """Train (or load from ``cache_dir``) the benchmark's small Llama; returns it in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    recipe = dict(vocab=VOCAB, seq=SEQ, steps=steps, seed=seed, hidden=hidden, layers=layers, v=1)
+    tag = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(cache_dir) / f"spec_copy_lm_{tag}"
+    if (path / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(path).eval()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    successors = _markov(seed)
+    kinds = ("repeat", "code", "prose", "prose")
+    for step in range(steps):
+        batch = torch.stack([_sample(kinds[i % len(kinds)], SEQ, g, successors) for i in range(32)])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if verbose and step % 250 == 0:
+            print(f"train step {step} loss {loss.item():.3f}", flush=True)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def make_prompts(n_per_kind: int = 4, length: int = 40, seed: int = 123) -> dict[str, list[torch.Tensor]]:
+    """Prompts ``[1, length]`` per kind, from the training distribution (new seeds)."""
+    g = torch.Generator().manual_seed(seed)
+    successors = _markov(0)
+    return {kind: [_sample(kind, length, g, successors)[None] for _ in range(n_per_kind)]
+            for kind in ("repeat", "code", "prose")}
+
+
+def _count_forwards(model) -> tuple[list[int], Any]:
+    counter = [0]
+    handle = model.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return counter, handle
+
+
+def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]]] = None, max_new_tokens: int = 64,
+                       n_per_kind: int = 3, repeats: int = 3, cache_dir: Optional[str] = None, threads: int = 1,
+                       modes: Sequence[str] = ("greedy", "sample"), preset: str = "tiny",
+                       verbose: bool = True) -> list[dict]:
+    """Run the benchmark; one row per (prompt kind, configuration), plus the greedy baseline rows.
+
+    Args:
+        model: an HF causal LM (default: the trained benchmark Llama of ``preset``, cached in ``cache_dir``).
+        configs: ``(label, DraftTree kwargs | "prompt_lookup")`` pairs (default :data:`DEFAULT_CONFIGS`).
+        max_new_tokens: tokens generated per prompt.
+        n_per_kind: prompts per kind (repeat, code, prose).
+        repeats: timed repetitions (interleaved with the baseline); medians are reported.
+        threads: torch intra-op threads while timing (1 on a shared machine).
+        preset: ``"tiny"`` (64 wide, 2 layers) or ``"medium"`` (128 wide, 4 layers) trained target.
+        modes: ``"greedy"`` (output must be identical) and/or ``"sample"`` (the generation config's
+            default sampling; same seeds for every configuration).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    for mode in modes:
+        if mode not in ("greedy", "sample"):
+            raise ValueError(f"modes must be among 'greedy', 'sample', got {mode!r}")
+    import transformers
+
+    import tokenprune as tp
+    from tokenprune.integrations.hf.speculative import tree_generate
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    hook = None
+    try:
+        if model is None:
+            model = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose,
+                                  **PRESETS[preset])
+        configs = list(DEFAULT_CONFIGS if configs is None else configs)
+        draft = None
+        if any(isinstance(c, dict) and c.get("draft_model") == BENCH_DRAFT for _, c in configs):
+            draft = train_copy_lm(cache_dir or os.path.expanduser("~/.cache/tokenprune"), verbose=verbose,
+                                  **DRAFT_RECIPE)
+        prompts = make_prompts(n_per_kind)
+        corpus = {kind: [p[0].tolist() for p in make_prompts(n_per_kind, length=SEQ, seed=999)[kind]]
+                  for kind in prompts}
+        counter, hook = _count_forwards(model)
+        meta = dict(machine=platform.node(), cpu=platform.processor() or platform.machine(), threads=threads,
+                    torch=torch.__version__, transformers=transformers.__version__,
+                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    model=f"llama h{model.config.hidden_size} l{model.config.num_hidden_layers} v{model.config.vocab_size}",
+                    max_new_tokens=max_new_tokens)
+
+        def timed(fn) -> tuple[float, torch.Tensor, int]:
+            counter[0] = 0
+            start = time.perf_counter()
+            out = fn()
+            return time.perf_counter() - start, out, counter[0]
+
+        rows = []
+        for mode in modes:
+            sample = mode == "sample"
+            for kind, kind_prompts in prompts.items():
+                methods = {}
+                for label, cfg in configs:
+                    if cfg == "prompt_lookup":
+                        methods[label] = None
+                    else:
+                        cfg = dict(cfg)
+                        if "retrieval" in cfg.get("sources", ()):
+                            cfg["corpus"] = tuple(corpus[kind])
+                        if cfg.get("draft_model") == BENCH_DRAFT:
+                            cfg["draft_model"] = draft
+                        methods[label] = tp.DraftTree(**cfg)
+                base_fwd, base_new = 0, 0
+                per = {label: dict(times=[], forwards=0, new=0, exact=True) for label, _ in configs}
+                for i, ids in enumerate(kind_prompts):
+                    def run(extra: dict, seed: int = 0, ids=ids) -> torch.Tensor:
+                        torch.manual_seed(seed)  # sampling: same seeds for every configuration
+                        return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, **extra)
+
+                    ref = run({})
+                    for method in methods.values():  # warm-up: latency model, recycling table
+                        if method is not None:
+                            model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=tree_generate,
+                                           draft_tree=method)
+                    for r in range(repeats):
+                        t, out, f = timed(lambda: run({}, r))
+                        if r == 0:
+                            base_fwd += f
+                            base_new += out.shape[1] - ids.shape[1]
+                        for label, method in methods.items():
+                            extra = (dict(prompt_lookup_num_tokens=10) if method is None
+                                     else dict(custom_generate=tree_generate, draft_tree=method))
+                            t_m, out_m, f_m = timed(lambda: run(extra, r))
+                            p = per[label]
+                            p["times"].append(t_m / t)  # ratio to the interleaved baseline run
+                            if r == 0:
+                                p["forwards"] += f_m
+                                p["new"] += out_m.shape[1] - ids.shape[1]
+                                p["exact"] &= torch.equal(out_m, ref)
+                common = dict(meta, mode=mode, prompt_kind=kind)
+                rows.append(dict(common, config=mode, source="none", budget="",
+                                 forwards_per_token=base_fwd / base_new, tokens_per_forward=base_new / base_fwd,
+                                 speedup=1.0, identical=True if not sample else ""))
+                for label, cfg in configs:
+                    p = per[label]
+                    rows.append(dict(
+                        common, config=label,
+                        source="prompt_lookup(hf)" if cfg == "prompt_lookup" else "+".join(cfg["sources"]),
+                        budget=10 if cfg == "prompt_lookup" else cfg["budget"],
+                        forwards_per_token=p["forwards"] / p["new"], tokens_per_forward=p["new"] / p["forwards"],
+                        speedup=1.0 / statistics.median(p["times"]),
+                        # sampled outputs differ draw by draw (same law); exactness is a greedy property
+                        identical=p["exact"] if not sample else ""))
+                    if verbose:
+                        row = rows[-1]
+                        print(f"{mode:6s} {kind:7s} {label:22s} fwd/tok {row['forwards_per_token']:.3f} "
+                              f"tok/fwd {row['tokens_per_forward']:.2f} speedup {row['speedup']:.2f}x "
+                              f"identical {row['identical']}", flush=True)
+        return rows
+    finally:
+        if hook is not None:
+            hook.remove()
+        torch.set_num_threads(previous_threads)

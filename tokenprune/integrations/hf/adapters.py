@@ -389,7 +389,6 @@ class QwenVLAdapter(VisionLanguageAdapter):
         top = gathered.masked_fill(~valid[None], -1).amax(dim=(0, 2))
         self.model.model.rope_deltas = (top + 1 - valid.sum(dim=1)).unsqueeze(1)
         return {"position_ids": position_ids}
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
 @register_adapter("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")

@@ -25,3 +25,15 @@ test-fast: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Quality harness (docs/quality.md): retrain the shipped model, then measure every visual method.
+QUALITY_MODEL ?= benchmarks/quality/model
+.PHONY: quality-model quality
+quality-model: $(VENV)/.installed
+	$(PY) -m benchmarks.quality.train --out $(QUALITY_MODEL).stage1 --steps 700 --squeeze 0
+	$(PY) -m benchmarks.quality.train --init $(QUALITY_MODEL).stage1 --out $(QUALITY_MODEL) --steps 1400
+	rm -rf $(QUALITY_MODEL).stage1
+
+quality: $(VENV)/.installed
+	$(PY) -m benchmarks.quality.evaluate --json benchmarks/results/quality.json \
+		--csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.vllm
 
 STARTUP_TIMEOUT_S = 420
 N_IMAGE = 576
+CONTEXT = {"scorer": "bi-encoder", "threshold": 0.575}
 
 
 def _free_port() -> int:
@@ -61,7 +62,7 @@ def server(vllm_env, tiny_llava_576_path, tmp_path_factory):  # noqa: F811
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     port = _free_port()
     env = dict(os.environ)
-    env["TOKENPRUNE_CONFIG"] = '{"method": "divprune", "keep": 64}'
+    env["TOKENPRUNE_CONFIG"] = json.dumps({"method": "divprune", "keep": 64, "context": CONTEXT})
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # default: spawned engine core
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llava_576_path),
@@ -145,3 +146,28 @@ def test_bad_per_request_budget_is_a_client_error(server):
     with pytest.raises(AssertionError, match=r"HTTP 400.*tokenprune_keep"):
         _chat(server, mm_processor_kwargs={"tokenprune_keep": 0})
     assert _chat(server)["usage"]["completion_tokens"] >= 1  # the server is still serving
+
+
+def test_chat_documents_are_pruned_in_the_front_end(server, tiny_llava_576_path):
+    """``"context"`` beside the visual method: the request's ``documents`` are pruned before the
+    template is rendered; ``usage.prompt_tokens`` equals the local rendering of the pruned documents."""
+    from transformers import AutoTokenizer
+
+    import tokenprune as tp
+    from tokenprune.integrations.vllm_rag import prune_chat_template_kwargs
+
+    messages = [{"role": "user", "content": "When was the company founded?"}]
+    docs = [{"title": "Acme", "text": "The company was founded in 1875. The weather is red and green today. "
+                                      "A blue circle is near the square."}]
+    body = {"model": "tiny-llava", "messages": messages, "documents": docs, "max_tokens": 1, "temperature": 0.0}
+    served = _post(f"{server}/v1/chat/completions", body)["usage"]["prompt_tokens"]
+
+    pruned = prune_chat_template_kwargs(tp.ContextPruner(**CONTEXT), messages, {"documents": docs})["documents"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_576_path)
+
+    def count(documents):
+        return len(tokenizer.apply_chat_template(messages, documents=documents, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False))
+
+    assert pruned != docs
+    assert served == count(pruned) < count(docs)

@@ -56,3 +56,7 @@ __all__ = [
     "VisionZip",
     "DraftTree",
 ]
+
+from tokenprune.methods import LazyLLM, SnapKV, TextPruner  # noqa: E402
+
+__all__ += ["TextPruner", "LazyLLM", "SnapKV"]

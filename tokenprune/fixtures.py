@@ -30,6 +30,7 @@ __all__ = [
     "build_tokenizer",
     "build_tiny_llama",
     "build_tiny_llava",
+    "build_tiny_causal_lm",
     "tiny_llama_config",
     "tiny_llava_config",
     "make_image",
@@ -430,3 +431,28 @@ def build_tiny_qwen2_5_vl(
 def build_tiny_qwen2_vl(path: str | os.PathLike, **kwargs: Any) -> Path:
     """Tiny ``Qwen2VLForConditionalGeneration`` (see :func:`build_tiny_qwen2_5_vl`)."""
     return build_tiny_qwen2_5_vl(path, version="2", **kwargs)
+def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
+                         dtype: torch.dtype = torch.float32, **config: Any) -> Path:
+    """Save a random Llama / Qwen2 / Mistral causal LM + tokenizer under ``path`` (``arch`` names it).
+
+    Same shape knobs as :func:`tiny_llama_config`; Mistral is built without a sliding window.
+    """
+    if arch == "llama":
+        return build_tiny_llama(path, seed=seed, dtype=dtype, **config)
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of llama, {', '.join(classes)}, got {arch!r}")
+    config_cls, model_cls = classes[arch]
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    cfg = config_cls(**{**tiny_llama_config(**config).to_diff_dict(), **extra})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 3
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    _save_tokenizer_config(path)
+    return path

@@ -37,3 +37,9 @@ __all__ = [
     "VisionZip",
     "DraftTree",
 ]
+
+from tokenprune.methods.base import TextPruner  # noqa: E402
+from tokenprune.methods.lazyllm import LazyLLM  # noqa: E402
+from tokenprune.methods.snapkv import SnapKV  # noqa: E402
+
+__all__ += ["TextPruner", "LazyLLM", "SnapKV"]

@@ -27,6 +27,7 @@ __all__ = [
     "VisualPruner",
     "ScoredVisualPruner",
     "InLLMPruner",
+    "TextPruner",
     "ImageTokens",
     "register",
     "available_methods",
@@ -273,3 +274,14 @@ class InLLMPruner(Pruner):
     def score(self, attention_to_keys: torch.Tensor, **context: Any) -> torch.Tensor:
         """Per-key importance ``[L]`` from the attention probabilities of the scoring queries."""
         raise NotImplementedError
+
+
+@dataclass
+class TextPruner(Pruner):
+    """Prompt / KV pruning inside a text decoder (LazyLLM, SnapKV): stage ``"text"``.
+
+    The integration (``tokenprune.integrations.hf.text``) wraps the decoder layers of a causal LM;
+    the method only carries its validated configuration and its per-model resolution.
+    """
+
+    stage: ClassVar[str] = "text"

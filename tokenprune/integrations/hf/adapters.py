@@ -158,6 +158,9 @@ class LlavaAdapter(VisionLanguageAdapter):
     ``cls_attention`` / ``keys`` / ``flow_layers`` get them from a :class:`ClipProbe` on the CLIP
     tower (the [CLS] row of each layer, from the layer's own q/k/v projections)."""
 
+    #: "text": prompt / KV pruning (LazyLLM, SnapKV) in its Llama decoder, image tokens included.
+    stages = frozenset({"visual", "llm", "text"})
+
     def text_model(self) -> Any:
         return self.model.model.language_model
 
@@ -386,3 +389,14 @@ class QwenVLAdapter(VisionLanguageAdapter):
         top = gathered.masked_fill(~valid[None], -1).amax(dim=(0, 2))
         self.model.model.rope_deltas = (top + 1 - valid.sum(dim=1)).unsqueeze(1)
         return {"position_ids": position_ids}
+
+
+@register_adapter("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+class CausalLMAdapter(ModelAdapter):
+    """Llama-family text decoders (``model.model`` holds ``layers``, ``rotary_emb``, ``config``):
+    prompt / KV pruning (LazyLLM, SnapKV)."""
+
+    stages = frozenset({"text"})
+
+    def text_model(self) -> Any:
+        return self.model.model

@@ -12,6 +12,7 @@ from tokenprune.patching import PatchHandle, install
 STAGE_INSTALLERS: dict[str, str] = {
     "visual": "tokenprune.integrations.hf.visual:install",
     "llm": "tokenprune.integrations.hf.inllm:install",
+    "text": "tokenprune.integrations.hf.text:install",
 }
 
 

@@ -17,7 +17,7 @@ work; FlashAttention cannot take arbitrary masks and is refused.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

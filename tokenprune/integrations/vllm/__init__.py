@@ -8,7 +8,9 @@ subprocess). Configure it the vLLM way::
     TOKENPRUNE_CONFIG='{"method": "divprune", "keep": 64}' vllm serve llava-hf/llava-1.5-7b-hf
 
 or per engine with ``hf_overrides`` (``LLM(..., hf_overrides=tokenprune_overrides(method))``),
-or from Python with :func:`enable`; one request can change its budget with
+or from Python with :func:`enable`. ``TOKENPRUNE_CONFIG`` may also hold
+``"context": {...}`` (``tp.ContextPruner`` arguments): chat requests' ``documents`` are then
+pruned in the front end before the chat template is rendered. One request can change its budget with
 ``mm_processor_kwargs={"tokenprune_keep": 32}``. See ``docs/vllm.md``.
 
 This module imports vLLM only inside functions, and only when there is something to register.
@@ -27,6 +29,7 @@ from tokenprune.integrations.vllm.config import (
     REQUEST_KEEP_KEY,
     config_to_json,
     parse_config,
+    parse_context_config,
 )
 from tokenprune.methods.base import Pruner, VisualPruner
 
@@ -103,7 +106,10 @@ def register() -> None:
     * When ``TOKENPRUNE_CONFIG`` is set, validates it first (``ValueError`` naming the problem,
       raised before anything is registered, so vLLM's engine start fails with that message), checks
       the vLLM version, and registers the pruned LLaVA under ``LlavaForConditionalGeneration``.
-    * When it is unset again (after :func:`disable`), vLLM's own classes are restored.
+    * When it has a ``"context"`` entry, installs (once per process) the front-end wrapper that
+      prunes the ``documents`` of chat requests (:mod:`tokenprune.integrations.vllm.context`).
+    * When it is unset again (after :func:`disable`), vLLM's own classes are restored and context
+      pruning stops.
     """
     _register(eager=False)
 
@@ -114,10 +120,15 @@ def _register(eager: bool) -> None:
     it so that an uninstalled checkout works with an in-process engine."""
     raw = os.environ.get(ENV_VAR, "").strip() or None
     method = parse_config(raw, source=ENV_VAR)
+    context_arguments = parse_context_config(raw, source=ENV_VAR)
     mode = "eager" if eager else "lazy"
     if _applied["registered"] in (mode, "eager") and _applied["config"] == raw:
         return
-    check_vllm_version(strict=method is not None)
+    check_vllm_version(strict=method is not None or context_arguments is not None)
+    if context_arguments is not None or _applied["config"] is not None:
+        from tokenprune.integrations.vllm.context import configure
+
+        configure(context_arguments)
     from vllm import ModelRegistry
 
     def resolve(target: str) -> Any:

@@ -8,6 +8,10 @@ Three sources, from the widest to the narrowest:
   wins over the environment;
 * per request, ``mm_processor_kwargs={"tokenprune_keep": 32}``, which changes only the budget.
 
+The environment may also carry ``"context": {...}``, the arguments of a :class:`ContextPruner`
+that prunes the ``documents`` of chat requests in the front end (:func:`parse_context_config`);
+it stands alone or beside a visual ``"method"``.
+
 This module imports neither vLLM nor transformers: ``register()`` validates the environment with
 it in every vLLM process before anything is patched, so a bad value never half-applies.
 """
@@ -25,7 +29,9 @@ __all__ = [
     "HF_CONFIG_KEY",
     "REQUEST_KEEP_KEY",
     "PROVIDED_INPUTS",
+    "CONTEXT_KEY",
     "parse_config",
+    "parse_context_config",
     "method_from_hf_config",
     "request_keep",
     "config_to_json",
@@ -37,6 +43,8 @@ ENV_VAR = "TOKENPRUNE_CONFIG"
 HF_CONFIG_KEY = "tokenprune"
 #: per-request ``mm_processor_kwargs`` key overriding the budget.
 REQUEST_KEEP_KEY = "tokenprune_keep"
+#: key of the configuration holding the context pruner's arguments (environment only).
+CONTEXT_KEY = "context"
 #: inputs beyond the post-projector features that the vLLM model side computes for methods that
 #: declare them in ``requires`` (``ImageTokens`` attributes).
 PROVIDED_INPUTS = frozenset({"cls_attention", "grid"})
@@ -48,8 +56,53 @@ def _visual_methods() -> list[str]:
     return [n for n in available_methods() if get_method_class(n).stage == "visual"]
 
 
+def _load_mapping(raw: Any, source: str) -> Optional[Mapping[str, Any]]:
+    """``raw`` (JSON string or mapping) as a mapping, ``None`` when empty."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tokenprune: {source} is not valid JSON ({exc}): {raw!r}") from exc
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"tokenprune: {source} must be a JSON object such as "
+            f'{{"method": "divprune", "keep": 64}}, got {type(raw).__name__}'
+        )
+    return raw
+
+
+def parse_context_config(raw: Any, source: str = ENV_VAR) -> Optional[dict[str, Any]]:
+    """The :class:`~tokenprune.ContextPruner` arguments under ``"context"`` in ``raw`` (validated
+    by building one, which is cheap: the scorer's model loads on first use), or ``None``.
+
+    Raises:
+        ValueError: malformed JSON, ``"context"`` not an object, or arguments the pruner rejects.
+    """
+    if isinstance(raw, Pruner):
+        return None
+    mapping = _load_mapping(raw, source)
+    if mapping is None or mapping.get(CONTEXT_KEY) is None:
+        return None
+    arguments = mapping[CONTEXT_KEY]
+    if not isinstance(arguments, Mapping):
+        raise ValueError(
+            f"tokenprune: {source}[{CONTEXT_KEY!r}] must be an object of tp.ContextPruner arguments such as "
+            f'{{"scorer": "bi-encoder", "threshold": 0.575}}, got {type(arguments).__name__}'
+        )
+    from tokenprune.methods.context import ContextPruner
+
+    try:
+        ContextPruner(**arguments)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tokenprune: invalid {source}[{CONTEXT_KEY!r}]: {exc}") from exc
+    return dict(arguments)
+
+
 def parse_config(raw: Any, source: str = ENV_VAR) -> Optional[VisualPruner]:
-    """The visual pruning method described by ``raw``, or ``None`` when ``raw`` is empty.
+    """The visual pruning method described by ``raw``, or ``None`` when ``raw`` is empty or
+    configures context pruning only (``{"context": {...}}``, see :func:`parse_context_config`).
 
     Args:
         raw: a JSON string, a mapping ``{"method": name, **arguments}``, a :class:`Pruner`
@@ -61,22 +114,23 @@ def parse_config(raw: Any, source: str = ENV_VAR) -> Optional[VisualPruner]:
             ``ValueError``/``TypeError`` is chained), or a method vLLM cannot run (in-LLM and KV
             pruning have no hook in vLLM; the message says why).
     """
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None
     if isinstance(raw, Pruner):
         method = raw
     else:
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"tokenprune: {source} is not valid JSON ({exc}): {raw!r}") from exc
-        if not isinstance(raw, Mapping):
-            raise ValueError(
-                f"tokenprune: {source} must be a JSON object such as "
-                f'{{"method": "divprune", "keep": 64}}, got {type(raw).__name__}'
-            )
-        arguments = dict(raw)
+        mapping = _load_mapping(raw, source)
+        if mapping is None:
+            return None
+        arguments = dict(mapping)
+        if CONTEXT_KEY in arguments:
+            if source != ENV_VAR:
+                # the front-end hook is process-wide; enable()/hf_overrides configure visual pruning
+                raise ValueError(
+                    f"tokenprune: {source} cannot configure context pruning; put "
+                    f'"{CONTEXT_KEY}" in {ENV_VAR} (or use tp.patch(llm, tp.ContextPruner(...)))'
+                )
+            arguments.pop(CONTEXT_KEY)
+            if not arguments:
+                return None
         name = arguments.pop("method", None)
         if not isinstance(name, str):
             raise ValueError(

@@ -1,0 +1,275 @@
+"""What pruning costs in answers: accuracy of every visual method on the quality harness's model.
+
+For the shipped model (:mod:`benchmarks.quality.train`) and a fixed test split of
+:mod:`benchmarks.quality.data`, this runs the unpruned model, then every registered method whose
+stage is ``"visual"`` or ``"llm"`` (``tp.available_methods()``, so methods that land later are picked
+up by name) at keep = 192, 128, 64, 32 of the 576 image tokens, methods with a ``layer`` field
+(FastV) at several layers, each through ``tp.patch(model, method)`` exactly as users run it.
+
+Answers are **generated**: ``model.generate`` greedy (``do_sample=False``), two new tokens; the first
+generated word is the answer (every answer of the closed vocabulary is one token; anything else
+counts as wrong). Reported per configuration: accuracy, retention (accuracy / unpruned accuracy),
+agreement with the unpruned model's answers, accuracy per question type.
+
+A random baseline is always shown: the registered ``random`` method when it exists, otherwise
+:class:`HarnessRandom` below.
+
+    python -m benchmarks.quality.evaluate --n 600 --json benchmarks/results/quality.json \\
+        --csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+import tokenprune as tp
+from benchmarks.quality import data
+from tokenprune.methods.base import ImageTokens, VisualPruner, get_method_class, resolve_keep
+
+DEFAULT_MODEL = Path(__file__).parent / "model"
+KEEPS = (192, 128, 64, 32)
+LAYERS = (1, 2, 3)  # for methods with a ``layer`` field (FastV); each must be < num decoder layers
+STAGES = ("visual", "llm")
+
+
+@dataclass
+class HarnessRandom(VisualPruner):
+    """Uniformly random visual tokens (fixed seed): the baseline every method must beat.
+
+    Used only while no ``random`` method is registered; unregistered on purpose so that it never
+    shadows the library's own.
+    """
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # One stream per method instance: each image gets its own subset, reproducibly.
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def select(self, image: ImageTokens) -> torch.Tensor:
+        n = image.num_tokens
+        idx = torch.randperm(n, generator=self._generator)[: resolve_keep(self.keep, n)]
+        return torch.sort(idx).values.to(image.features.device)
+
+
+HarnessRandom.name = "random"
+
+
+def load(model_dir: Path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return model, processor
+
+
+def method_configs(num_layers: int, keeps: Iterable[int] = KEEPS, layers: Iterable[int] = LAYERS):
+    """``[(label, method)]`` for every registered visual/in-LLM method, keep and (if any) layer."""
+    configs = []
+    names = [n for n in tp.available_methods() if get_method_class(n).stage in STAGES]
+    for name in names:
+        cls = get_method_class(name)
+        field_names = {f.name for f in dataclasses.fields(cls)}
+        sweep = [dict(layer=k) for k in layers if k < num_layers] if "layer" in field_names else [{}]
+        for extra in sweep:
+            label = name + "".join(f" K={v}" for v in extra.values())
+            for keep in keeps:
+                configs.append((label, tp.build(name, keep=keep, **extra)))
+    if "random" not in names:
+        configs += [("random", HarnessRandom(keep=keep)) for keep in keeps]
+    return configs
+
+
+def prepare(processor, samples: list[data.Sample], batch: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Processor outputs for ``samples`` in batches (left padding, as for generation).
+
+    Computed once and reused by every configuration: the processor's output does not depend on
+    the pruning method, and the CPU image processor costs more than a forward pass of this model.
+    """
+    processor.tokenizer.padding_side = "left"
+    return [
+        processor(images=[s.scene.render() for s in samples[i : i + batch]],
+                  text=[s.prompt for s in samples[i : i + batch]], padding=True, return_tensors="pt")
+        for i in range(0, len(samples), batch)
+    ]
+
+
+@torch.no_grad()
+def answer(model, processor, batches: list[dict[str, torch.Tensor]], method=None) -> list[str]:
+    """Greedy answers (first generated word) for prepared ``batches``, with ``method`` patched in if given."""
+    preds: list[str] = []
+    for inputs in batches:
+        if method is None:
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        else:
+            with tp.patch(model, method):
+                out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        for row in processor.tokenizer.batch_decode(new, skip_special_tokens=True):
+            words = row.split()
+            preds.append(words[0] if words else "")
+    return preds
+
+
+def score(samples: list[data.Sample], preds: list[str], reference: Optional[list[str]] = None) -> dict[str, Any]:
+    correct = [p == s.answer for s, p in zip(samples, preds)]
+    row: dict[str, Any] = {"accuracy": sum(correct) / len(samples)}
+    if reference is not None:
+        row["agreement"] = sum(p == r for p, r in zip(preds, reference)) / len(samples)
+    for qtype in data.QUESTION_TYPES:
+        hits = [c for c, s in zip(correct, samples) if s.qtype == qtype]
+        row[f"acc_{qtype}"] = sum(hits) / len(hits) if hits else None
+    return row
+
+
+def evaluate(model_dir: Path = DEFAULT_MODEL, n: int = 600, seed: int = 0, keeps: Iterable[int] = KEEPS,
+             layers: Iterable[int] = LAYERS, batch: int = 16, only: Optional[list[str]] = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """One row per configuration: the unpruned model first, then every method/keep(/layer)."""
+    model, processor = load(model_dir)
+    samples = data.dataset("test", n, seed=seed)
+    batches = prepare(processor, samples, batch)
+    num_image_tokens = model.config.image_seq_length
+    num_layers = model.config.text_config.num_hidden_layers
+
+    t0 = time.perf_counter()
+    base_preds = answer(model, processor, batches)
+    base = {"method": "none", "keep": num_image_tokens, "layer": None, **score(samples, base_preds, base_preds),
+            "seconds": round(time.perf_counter() - t0, 2)}
+    base["retention"] = 1.0
+    rows = [base]
+    configs = method_configs(num_layers, keeps, layers)
+    if only:
+        configs = [(label, m) for label, m in configs if label.split()[0] in only]
+    for i, (label, method) in enumerate(configs):
+        t0 = time.perf_counter()
+        preds = answer(model, processor, batches, method)
+        row = {"method": label.split()[0], "keep": method.keep, "layer": getattr(method, "layer", None),
+               **score(samples, preds, base_preds), "seconds": round(time.perf_counter() - t0, 2)}
+        row["retention"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
+        rows.append(row)
+        if progress:
+            print(f"[{i + 1}/{len(configs)}] {label:>14} keep={method.keep:<4} acc={row['accuracy']:.3f} "
+                  f"ret={_pct(row['retention'])} agree={row['agreement']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    env = environment(model_dir, n, seed)
+    chance = data.majority_accuracy(samples)
+    for row in rows:
+        row["label"] = row["method"] + (f" K={row['layer']}" if row["layer"] is not None else "")
+        row["majority_baseline"] = chance
+        row.update(env)
+    return rows
+
+
+def environment(model_dir: Path, n: int, seed: int) -> dict[str, Any]:
+    import transformers
+
+    meta_path = Path(model_dir) / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {
+        "n": n, "test_seed": seed, "model_train_seed": meta.get("seed"), "model_train_steps": meta.get("steps"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "tokenprune": tp.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+    }
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:5.1f}%"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Retention (accuracy) per method label x keep, plus the unpruned line."""
+    base = rows[0]
+    keeps = sorted({r["keep"] for r in rows[1:]}, reverse=True)
+    labels = list(dict.fromkeys(r["label"] for r in rows[1:]))
+    head = f"{'method':<14}" + "".join(f"{k:>16}" for k in keeps)
+    lines = [f"unpruned ({base['keep']} tokens): accuracy {base['accuracy']:.3f} on n={base['n']} "
+             f"(majority baseline {base['majority_baseline']:.3f})", head, "-" * len(head)]
+    for label in labels:
+        cells = []
+        for k in keeps:
+            r = next((r for r in rows if r["label"] == label and r["keep"] == k), None)
+            cells.append(f"{_pct(r['retention'])} ({r['accuracy']:.3f})" if r else "")
+        lines.append(f"{label:<14}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in rows[1:]):
+        pts = sorted((r["keep"], 100 * (r["retention"] or 0.0)) for r in rows[1:] if r["label"] == label)
+        style = dict(color="black", linestyle="--", linewidth=2) if label == "random" else {}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
+    ax.axhline(100, color="grey", linewidth=0.8)
+    if base["accuracy"]:
+        ax.axhline(100 * base["majority_baseline"] / base["accuracy"], color="grey", linestyle=":",
+                   label="majority answer (no image)")
+    ax.set_xscale("log", base=2)
+    keeps = sorted({r["keep"] for r in rows[1:]})
+    ax.set_xticks(keeps, [str(k) for k in keeps])
+    ax.set_xlabel(f"visual tokens kept (of {base['keep']})")
+    ax.set_ylabel("accuracy retention (% of unpruned)")
+    ax.set_title(f"Quality harness: unpruned accuracy {base['accuracy']:.3f}, n={base['n']}")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--n", type=int, default=600, help="test questions (one per scene)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test split")
+    parser.add_argument("--keeps", type=int, nargs="+", default=list(KEEPS))
+    parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="layers for FastV-like methods")
+    parser.add_argument("--methods", nargs="+", default=None, help="restrict to these method names")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="1 keeps runs bit-reproducible and is fastest on a shared machine")
+    parser.add_argument("--json", type=Path, default=None, help="write rows as JSON here")
+    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="retention vs keep (PNG)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -107,3 +107,37 @@ def test_vllm_engine_runs_the_suite(vllm_env, tmp_path):  # noqa: F811
     # 576 placeholder tokens per image become 64
     assert base["prompt_tokens_after"] - pruned["prompt_tokens_after"] == 512
     assert pruned["ttft_ms"] > 0 and pruned["speedup"] > 0 and pruned["throughput_rps"] > 0
+
+
+def test_quality_subcommand_reports_retention(tmp_path, capsys):
+    path, plot = tmp_path / "q.json", tmp_path / "q.png"
+    code = cli.main(["quality", "--methods", "divprune", "--keep", "576,32", "--samples", "16", "--quiet",
+                     "--json", str(path), "--plot", str(plot)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(path.read_text())
+    assert data["meta"]["subcommand"] == "quality" and data["meta"]["parameters"]["keep"] == [576, 32]
+    rows = data["results"]
+    assert [(r["method"], r["keep"]) for r in rows] == [("none", 576), ("divprune", 576), ("divprune", 32),
+                                                        ("random", 576), ("random", 32)]
+    base = rows[0]
+    assert base["retention"] == 1.0 and base["agreement"] == 1.0
+    for row in rows[1:]:
+        assert row["retention"] == pytest.approx(row["accuracy"] / base["accuracy"])
+    # keep-all selects every token: the unpruned model's answers
+    assert all(r["agreement"] == 1.0 and r["accuracy"] == base["accuracy"] for r in rows if r["keep"] == 576)
+    assert plot.stat().st_size > 0
+    assert cli.main(["quality", "--methods", "snapkv,nosuch", "--quiet"]) == 2
+    assert "--methods must be names among" in capsys.readouterr().err
+
+
+def test_text_mode_runs_the_suite(tmp_path, capsys):
+    meta, rows = _run(capsys, tmp_path, "--mode", "text", "--model", "tiny", "--prompt-tokens", "64", "--new-tokens",
+                      "2", "--methods", "lazyllm,snapkv:keep=0.5")
+    assert meta["parameters"]["mode"] == "text"
+    assert [r["label"] for r in rows] == ["baseline", "lazyllm", "snapkv(keep=0.5)"]
+    base, _, snapkv = rows
+    assert all(r["prompt_tokens"] == 64 and r["model"] == "tiny" and r["ttft_ms"] > 0 for r in rows)
+    # the baseline is its own reference
+    assert base["speedup"] == 1.0 and base["kl"] == 0.0 and base["next_token_agreement"] == 1.0
+    assert snapkv["method"] == "snapkv" and snapkv["params"]["keep"] == 0.5
+    assert snapkv["kv_ratio"] < 0.75  # half the prompt's KV (plus the observation window) is kept

@@ -5,6 +5,7 @@
     tokenprune-bench sweep --methods divprune,fastv --keep 192,128,64 --plot sweep.png
     tokenprune-bench models
     tokenprune-bench report results.json --plot speedup.png
+    tokenprune-bench quality --methods divprune,fastv --keep 192,64 --plot retention.png
 
 Methods are written ``name[:param=value...]`` and separated by commas. Every run measures the
 baseline and the methods interleaved (see :mod:`tokenprune.bench.timing`). Bad input (unknown
@@ -23,7 +24,7 @@ __all__ = ["main", "build_parser", "parse_methods"]
 PROG = "tokenprune-bench"
 DEFAULT_SWEEP_METHODS = "divprune,fastv:layer=2"
 DEFAULT_SWEEP_KEEP = "192,128,64"
-SUBCOMMANDS = ("latency", "sweep", "models", "report")
+SUBCOMMANDS = ("latency", "sweep", "models", "report", "quality")
 
 
 class UsageError(Exception):
@@ -197,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("files", nargs="+", help="results files written with --json or --csv")
     rep.add_argument("--markdown", metavar="PATH", help="write the tables as GitHub markdown (for READMEs)")
     _add_output_arguments(rep)
+    q = sub.add_parser("quality", help="answer accuracy of visual methods on the quality harness's trained LLaVA")
+    q.add_argument("--model", default=None, help="quality-harness checkpoint directory (default: the shipped one)")
+    q.add_argument("--methods", default=None,
+                   help="comma-separated method names (default: every visual/in-LLM method; random is always added)")
+    q.add_argument("--keep", default="192,128,64,32", help="visual tokens kept, comma-separated (default: %(default)s)")
+    q.add_argument("--layers", default="1,2,3", help="layers of FastV-like methods (default: %(default)s)")
+    q.add_argument("--samples", type=_positive("--samples"), default=600, help="test questions (default: %(default)s)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the test split")
+    q.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
+    q.add_argument("--threads", type=_threads, default="1",
+                   help="CPU threads (default 1: bit-reproducible answers, fastest on a shared machine)")
+    _add_output_arguments(q)
     return parser
 
 
@@ -271,6 +284,41 @@ def _measure(args: argparse.Namespace) -> None:
     _emit(args, meta, rows, title=f"tokenprune-bench {args.command}: {args.model} ({args.engine}, {mode})")
 
 
+def _int_list(name: str, text: str) -> list[int]:
+    values = _keep_list(text)
+    if not all(isinstance(v, int) and v >= 1 for v in values):
+        raise UsageError(f"{name} must be a comma-separated list of integers >= 1, got {text!r}")
+    return [int(v) for v in values]
+
+
+def _quality(args: argparse.Namespace) -> None:
+    import torch
+
+    import tokenprune as tp
+    from tokenprune.bench import report
+    from tokenprune.bench.external import run_quality
+    from tokenprune.methods.base import get_method_class
+
+    keeps, layers = _int_list("--keep", args.keep), _int_list("--layers", args.layers)
+    methods = None
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        visual = [n for n in tp.available_methods() if get_method_class(n).stage in ("visual", "llm")]
+        unknown = [m for m in methods if m not in visual]
+        if unknown or not methods:
+            raise UsageError(f"--methods must be names among {', '.join(visual)}, got {args.methods!r}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_resolve_threads(args.threads))
+    try:
+        rows = run_quality(args.model, methods, keeps, layers, args.samples, args.seed, args.batch_size)
+        parameters = {k: getattr(args, k) for k in ("model", "methods", "samples", "seed", "batch_size", "threads")}
+        meta = {**report.environment("cpu"), "subcommand": "quality",
+                "parameters": {**parameters, "keep": keeps, "layers": layers}}
+    finally:
+        torch.set_num_threads(threads)
+    _emit(args, meta, rows, title=f"tokenprune-bench quality: {rows[0]['model']} (n={args.samples})")
+
+
 def _models(args: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -321,7 +369,7 @@ def _report(args: argparse.Namespace) -> None:
         report.plot_results(all_rows, args.plot, meta)
 
 
-COMMANDS = {"latency": _run, "sweep": _run, "models": _models, "report": _report}
+COMMANDS = {"latency": _run, "sweep": _run, "models": _models, "report": _report, "quality": _quality}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

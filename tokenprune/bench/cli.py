@@ -239,6 +239,13 @@ def _emit(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, A
     from tokenprune.bench import report
 
     report.print_table(rows, meta, console=_console(args.quiet), title=title)
+    _write_outputs(args, meta, rows)
+
+
+def _write_outputs(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """``--json`` / ``--csv`` / ``--plot`` of a run or a report."""
+    from tokenprune.bench import report
+
     if args.json:
         report.write_json(args.json, meta, rows)
     if args.csv:
@@ -361,12 +368,7 @@ def _report(args: argparse.Namespace) -> None:
         from pathlib import Path
 
         Path(args.markdown).write_text("\n".join(markdown))
-    if args.json:
-        report.write_json(args.json, meta, all_rows)
-    if args.csv:
-        report.write_csv(args.csv, meta, all_rows)
-    if args.plot:
-        report.plot_results(all_rows, args.plot, meta)
+    _write_outputs(args, meta, all_rows)
 
 
 COMMANDS = {"latency": _run, "sweep": _run, "models": _models, "report": _report, "quality": _quality}

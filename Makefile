@@ -30,9 +30,7 @@ clean-venv:
 QUALITY_MODEL ?= benchmarks/quality/model
 .PHONY: quality-model quality
 quality-model: $(VENV)/.installed
-	$(PY) -m benchmarks.quality.train --out $(QUALITY_MODEL).stage1 --steps 700 --squeeze 0
-	$(PY) -m benchmarks.quality.train --init $(QUALITY_MODEL).stage1 --out $(QUALITY_MODEL) --steps 1400
-	rm -rf $(QUALITY_MODEL).stage1
+	$(PY) -m benchmarks.quality.train --out $(QUALITY_MODEL)
 
 quality: $(VENV)/.installed
 	$(PY) -m benchmarks.quality.evaluate --json benchmarks/results/quality.json \

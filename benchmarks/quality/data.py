@@ -10,8 +10,8 @@ model tell objects from distractors.
 Each question needs one or a few regions of the image, which is what makes visual-token pruning
 measurable (a method that drops the wrong patches loses the answer):
 
-* ``color``    — "what color is the shape in row 2 column 3 ?"            (one cell)
-* ``shape``    — "what shape is in row 2 column 3 ?"                      (one cell)
+* ``color``    — "what color is the shape in cell b3 ?"                   (one cell; :func:`cell_name`)
+* ``shape``    — "what shape is in cell b3 ?"                             (one cell)
 * ``exist``    — "is there a red circle ?"                                (search; yes/no balanced)
 * ``count``    — "how many red shapes are there ?" / "how many circles are there ?"   (every object)
 * ``relation`` — "is the red circle left of the blue square ?" (or above)  (two objects; yes/no balanced)
@@ -51,10 +51,10 @@ COUNTS = tuple(str(n) for n in range(MAX_COUNT + 1))
 ANSWERS: tuple[str, ...] = (*COLORS, *SHAPES, *COUNTS, "yes", "no")
 QUESTION_TYPES = ("color", "shape", "exist", "count", "relation")
 SPLITS = {"train": 0, "val": 1, "test": 2}
-# The question comes before the image (LLaVA prompts allow either order): causal image tokens can
-# then condition on the question, which is what lets a model this small learn the task from
-# scratch within minutes (image-first needs a two-hop retrieval it does not find in that budget).
-PROMPT = "USER: {question}\n<image> ASSISTANT:"
+# The LLaVA-1.5 prompt layout: image first, then the question. Pre-LLM pruning re-indexes the
+# positions of everything after the image by the same amount, so the question and the answer stay
+# adjacent, and FastV's last-token attention is the question's attention, as in the paper.
+PROMPT = "USER: <image>\n{question} ASSISTANT:"
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,10 @@ class Sample:
     question: str
     answer: str
     qtype: str
+    # The objects the answer depends on (indices into ``scene.objects``), one group per object role:
+    # ``((i,),)`` for colour / shape / a present object, ``((a,), (b,))`` for a relation, every
+    # counted object in one group for a count, ``()`` when nothing in the image is asked about.
+    refs: tuple[tuple[int, ...], ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -164,10 +168,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
         draw.polygon(_star(o.cx, o.cy, h * 1.1), fill=fill)
 
 
-def patch_labels(scene: Scene, patch: int = 14, min_cover: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch ground truth, raster order: colour and shape class of the object covering at least
-    ``min_cover`` of each patch (``0`` = background, else ``1 + index`` in :data:`COLORS` /
-    :data:`SHAPES`). Arrays of shape ``[(336 / patch) ** 2]``; used as dense training targets."""
+def patch_objects(scene: Scene, patch: int = 14, min_cover: float = 0.2) -> np.ndarray:
+    """Per-patch ground truth, raster order: index in ``scene.objects`` of the object covering at
+    least ``min_cover`` of each patch (the most covering one), ``-1`` for background. ``[(336 / patch) ** 2]``."""
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
     for i, o in enumerate(scene.objects):
@@ -175,54 +178,79 @@ def patch_labels(scene: Scene, patch: int = 14, min_cover: float = 0.2) -> tuple
     side = IMAGE_SIZE // patch
     m = np.asarray(mask).reshape(side, patch, side, patch).transpose(0, 2, 1, 3).reshape(side * side, -1)
     cover = np.stack([(m == i + 1).mean(axis=1) for i in range(len(scene.objects))], axis=1)
-    best = cover.argmax(axis=1)
-    covered = cover.max(axis=1) >= min_cover
-    colors, shapes = list(COLORS), list(SHAPES)
-    color_ids = np.array([1 + colors.index(o.color) for o in scene.objects])[best]
-    shape_ids = np.array([1 + shapes.index(o.shape) for o in scene.objects])[best]
-    return np.where(covered, color_ids, 0), np.where(covered, shape_ids, 0)
+    return np.where(cover.max(axis=1) >= min_cover, cover.argmax(axis=1), -1)
 
 
-def _ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
+def patch_labels(scene: Scene, patch: int = 14, min_cover: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch colour and shape class of the covering object (``0`` = background, else ``1 +
+    index`` in :data:`COLORS` / :data:`SHAPES`), raster order; used as dense training targets."""
+    objects = patch_objects(scene, patch, min_cover)
+    colors = np.array([0] + [1 + list(COLORS).index(o.color) for o in scene.objects])
+    shapes = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects])
+    return colors[objects + 1], shapes[objects + 1]
+
+
+def cell_name(o: Obj) -> str:
+    """The grid cell as in chess: row letter ``a``-``d`` from the top, column digit ``1``-``4`` from
+    the left (``b3`` = second row, third column). Row and column are then different kinds of token,
+    so a question names its cell without the model having to tell two digits apart by order."""
+    return f"{'abcd'[o.row - 1]}{o.col}"
+
+
+def centre_patches(scene: Scene, patch: int = 14) -> np.ndarray:
+    """Raster index of the patch holding each object's centre, ``[len(scene.objects)]``: a dense
+    training target that lets patch features mark one token per object (what counting needs)."""
+    side = IMAGE_SIZE // patch
+    return np.array([int(o.cy // patch) * side + int(o.cx // patch) for o in scene.objects], dtype=np.int64)
+
+
+def _ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str, tuple[tuple[int, ...], ...]]:
+    """``(question, answer, refs)`` of type ``qtype`` about ``scene`` (``refs``: see :class:`Sample`)."""
     objs = scene.objects
     if qtype in ("color", "shape"):
-        o = rng.choice(objs)
-        where = f"row {o.row} column {o.col}"
+        i = rng.randrange(len(objs))
+        where = f"cell {cell_name(objs[i])}"
         if qtype == "color":
-            return f"what color is the shape in {where} ?", o.color
-        return f"what shape is in {where} ?", o.shape
+            return f"what color is the shape in {where} ?", objs[i].color, ((i,),)
+        return f"what shape is in {where} ?", objs[i].shape, ((i,),)
     if qtype == "exist":
-        present = {(o.color, o.shape) for o in objs}
+        present = {(o.color, o.shape): i for i, o in enumerate(objs)}
         if rng.random() < 0.5:
             color, shape = rng.choice(sorted(present))
-            answer = "yes"
-        else:
-            color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
-            answer = "no"
-        return f"is there a {color} {shape} ?", answer
+            return f"is there a {color} {shape} ?", "yes", ((present[color, shape],),)
+        color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+        return f"is there a {color} {shape} ?", "no", ()
     if qtype == "count":
         if rng.random() < 0.5:
             color = rng.choice(list(COLORS))
-            n = sum(o.color == color for o in objs)
-            return f"how many {color} shapes are there ?", str(n)
-        shape = rng.choice(SHAPES)
-        n = sum(o.shape == shape for o in objs)
-        return f"how many {PLURAL[shape]} are there ?", str(n)
+            hits = tuple(i for i, o in enumerate(objs) if o.color == color)
+            question = f"how many {color} shapes are there ?"
+        else:
+            shape = rng.choice(SHAPES)
+            hits = tuple(i for i, o in enumerate(objs) if o.shape == shape)
+            question = f"how many {PLURAL[shape]} are there ?"
+        return question, str(len(hits)), (hits,) if hits else ()
     if qtype == "relation":
         # Pairs that differ along the asked axis; the answer is balanced by swapping the pair.
         axis = rng.choice(("left of", "above"))
         key = (lambda o: o.col) if axis == "left of" else (lambda o: o.row)
-        pairs = [(a, b) for a in objs for b in objs if key(a) < key(b)]
+        pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs)) if key(objs[a]) < key(objs[b])]
         if not pairs:
             axis = "above" if axis == "left of" else "left of"
             key = (lambda o: o.col) if axis == "left of" else (lambda o: o.row)
-            pairs = [(a, b) for a in objs for b in objs if key(a) < key(b)]
+            pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs)) if key(objs[a]) < key(objs[b])]
         a, b = rng.choice(pairs)
         answer = "yes"
         if rng.random() < 0.5:
             a, b, answer = b, a, "no"
-        return f"is the {a.color} {a.shape} {axis} the {b.color} {b.shape} ?", answer
+        return (f"is the {objs[a].color} {objs[a].shape} {axis} the {objs[b].color} {objs[b].shape} ?",
+                answer, ((a,), (b,)))
     raise ValueError(f"qtype must be one of {QUESTION_TYPES}, got {qtype!r}")
+
+
+def scene(split: str, index: int, seed: int = 0) -> Scene:
+    """Scene ``index`` of ``split`` (the scene of :func:`sample` with the same arguments)."""
+    return make_scene(_rng(split, seed, index))
 
 
 def sample(split: str, index: int, seed: int = 0, questions: int = 1) -> list[Sample]:
@@ -232,18 +260,22 @@ def sample(split: str, index: int, seed: int = 0, questions: int = 1) -> list[Sa
     (multi-turn; distinct questions when the scene allows); evaluation uses one question per scene.
     """
     rng = _rng(split, seed, index)
-    scene = make_scene(rng)
+    return ask(make_scene(rng), rng, questions)
+
+
+def ask(scene: Scene, rng: random.Random, questions: int = 1) -> list[Sample]:
+    """``questions`` distinct questions (when the scene allows) about ``scene``, types drawn uniformly."""
     out: list[Sample] = []
     asked: set[str] = set()
     for _ in range(questions):
         # Distinct questions within a conversation, so later turns cannot copy an earlier answer.
         for _attempt in range(20):
             qtype = rng.choice(QUESTION_TYPES)
-            question, answer = _ask(scene, qtype, rng)
+            question, answer, refs = _ask(scene, qtype, rng)
             if question not in asked:
                 break
         asked.add(question)
-        out.append(Sample(scene, question, answer, qtype))
+        out.append(Sample(scene, question, answer, qtype, refs))
     return out
 
 

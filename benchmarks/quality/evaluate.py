@@ -206,6 +206,25 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def versus_random(rows: list[dict[str, Any]]) -> str:
+    """Each method against the random baseline at the same keep: the accuracy difference and whether
+    it exceeds two standard errors of a difference of two independent proportions on ``n`` questions
+    (a conservative test: both run on the same questions)."""
+    lines = [f"{'method':<14}{'keep':>6}{'acc':>8}{'random':>8}{'diff':>8}  verdict"]
+    randoms = {r["keep"]: r for r in rows[1:] if r["label"] == "random"}
+    for r in rows[1:]:
+        ref = randoms.get(r["keep"])
+        if r["label"] == "random" or ref is None:
+            continue
+        n = r["n"]
+        p, q = r["accuracy"], ref["accuracy"]
+        se = ((p * (1 - p) + q * (1 - q)) / n) ** 0.5
+        diff = p - q
+        verdict = "beats random" if diff > 2 * se else ("worse than random" if diff < -2 * se else "within noise of random")
+        lines.append(f"{r['label']:<14}{r['keep']:>6}{p:>8.3f}{q:>8.3f}{diff:>+8.3f}  {verdict} (2 SE = {2 * se:.3f})")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -263,6 +282,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods)
     print(table(rows))
+    print(versus_random(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     if args.csv:

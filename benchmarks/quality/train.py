@@ -263,6 +263,14 @@ def train_scenes(seed: int, start: int = 0) -> Iterator[data.Scene]:
         i += 1
 
 
+def optimizer_step(opt, sched, params, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def cosine(steps: int, warmup: int, floor: float = 0.1):
     return lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
@@ -303,11 +311,7 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
         for key, target in dense_targets(chunk).items():
             losses[key] = F.cross_entropy(heads[key](patches).flatten(0, 1), target.flatten())
         loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, params, loss)
         if step % log_every == 0 or step == steps:
             entry = {"stage": "vision", "step": step, "elapsed_s": round(time.time() - start, 1),
                      **{k: round(v.item(), 4) for k, v in losses.items()}}
@@ -493,15 +497,15 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         answered = labels[:, 1:] != -100
         loss_lm = F.cross_entropy(model.lm_head(hidden[:, :-1][answered]), labels[:, 1:][answered])
-        attn_losses = {}
+        aux_losses = {}
         if align_weight > 0:
             # Feature alignment (LLaVA's stage 1 in spirit): an object's projected patches point
             # along the embeddings of the words that describe it, read out with the tied embeddings.
             logits = image_embeds @ embed.weight.T
             for group, target in zip(conversations.word_groups, torch.cat(words).T):
                 keep = target >= 0
-                attn_losses.setdefault("align", 0)
-                attn_losses["align"] = attn_losses["align"] + align_weight * F.cross_entropy(
+                aux_losses.setdefault("align", 0)
+                aux_losses["align"] = aux_losses["align"] + align_weight * F.cross_entropy(
                     logits[keep][:, group], target[keep]) / len(conversations.word_groups)
         if attention_weight > 0:
             for key, probe in probes.items():
@@ -512,16 +516,12 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
                     for i, hit in enumerate(hits):
                         wanted[i, hit] = True
                     mass = (weights[torch.arange(len(heads)), torch.tensor(heads)] * wanted).sum(-1)
-                    attn_losses[key] = -torch.log(mass + 1e-6).mean()
-        loss = loss_lm + sum(v * (1 if k == "align" else attention_weight) for k, v in attn_losses.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+                    aux_losses[key] = -torch.log(mass + 1e-6).mean()
+        loss = loss_lm + sum(v * (1 if k == "align" else attention_weight) for k, v in aux_losses.items())
+        optimizer_step(opt, sched, params, loss)
         if step % log_every == 0 or step == steps:
             entry = {"stage": "language", "step": step, "loss": round(loss_lm.item(), 4),
-                     **{k: round(v.item(), 4) for k, v in attn_losses.items()}, "pruned": pruned, "elapsed_s": round(time.time() - start, 1)}
+                     **{k: round(v.item(), 4) for k, v in aux_losses.items()}, "pruned": pruned, "elapsed_s": round(time.time() - start, 1)}
             if val and (step % (log_every * 4) == 0 or step == steps):
                 entry["val_acc"] = round(answer_accuracy(model, conversations, val), 4)
             log.append(entry)

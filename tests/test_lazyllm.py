@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokenprune as tp
+from causal_lm_utils import load, prompt
 from tokenprune.methods.base import resolve_keep
 
 transformers = pytest.importorskip("transformers")
@@ -16,17 +17,6 @@ def gqa_path(fixtures_dir):
     from tokenprune.fixtures import build_tiny_causal_lm
 
     return build_tiny_causal_lm(fixtures_dir / "tiny-qwen2-gqa", arch="qwen2", num_heads=4, num_kv_heads=2)
-
-
-def load(path, impl="sdpa"):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
-
-
-def prompt(batch=1, length=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(5, 500, (batch, length), generator=gen)
 
 
 def greedy(model, ids, mask=None, n=6):

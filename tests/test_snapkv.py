@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tokenprune as tp
+from causal_lm_utils import load, prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,16 +15,6 @@ def gqa_path(fixtures_dir):
     from tokenprune.fixtures import build_tiny_causal_lm
 
     return build_tiny_causal_lm(fixtures_dir / "tiny-mistral-gqa", arch="mistral", num_heads=4, num_kv_heads=2)
-
-
-def load(path, impl="sdpa"):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
-
-
-def prompt(batch=1, length=48, seed=0):
-    return torch.randint(5, 500, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def reference_indices(model, ids, kept, window, kernel):

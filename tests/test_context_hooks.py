@@ -9,7 +9,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import pytest  # noqa: E402
 
 import tokenprune as tp  # noqa: E402
-from tokenprune.integrations.hf.rag import prune_documents, question_from_messages  # noqa: E402
+from tokenprune.integrations.chat import prune_documents, question_from_messages  # noqa: E402
 
 from test_context_pruner import KeywordScorer  # noqa: E402
 
@@ -142,7 +142,7 @@ def tiny_vllm_llama(tmp_path_factory, tokenizer):
 @pytest.mark.vllm
 def test_vllm_chat_documents_are_pruned(tiny_vllm_llama):
     vllm = pytest.importorskip("vllm")
-    from tokenprune.integrations.vllm_rag import prune_chat_template_kwargs
+    from tokenprune.integrations.chat import prune_chat_template_kwargs
 
     llm = vllm.LLM(model=tiny_vllm_llama, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
                    # An explicit KV budget: vLLM-CPU otherwise sizes the cache as a fraction of RAM minus

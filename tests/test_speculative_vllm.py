@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tokenprune.integrations.vllm_spec import TreeDrafter, best_path
+from tokenprune.integrations.vllm.spec import TreeDrafter, best_path
 from tokenprune.speculative import TokenTree
 
 SCRIPT = textwrap.dedent(
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     ref = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp)]
     del base
     spec = LLM(d, speculative_config={"method": "custom_class",
-                                      "model": "tokenprune.integrations.vllm_spec.TreeDrafter",
+                                      "model": "tokenprune.integrations.vllm.spec.TreeDrafter",
                                       "num_speculative_tokens": 4}, disable_log_stats=False, **common)
     out = [list(o.outputs[0].token_ids) for o in spec.generate(prompts, sp)]
     drafted = 0

@@ -86,14 +86,57 @@ def test_request_keep_overrides_only_the_budget():
         request_keep(base, {"tokenprune_keep": "all"})
 
 
-def test_hf_overrides_win_over_the_environment():
+def test_hf_overrides_win_over_the_environment(monkeypatch):
     class Config:
         tokenprune = {"method": "divprune", "keep": 8}
 
-    env = {"TOKENPRUNE_CONFIG": '{"method": "divprune", "keep": 64}'}
-    assert method_from_hf_config(Config(), env).keep == 8
-    assert method_from_hf_config(object(), env).keep == 64
-    assert method_from_hf_config(object(), {}) is None
+    monkeypatch.setenv("TOKENPRUNE_CONFIG", '{"method": "divprune", "keep": 64}')
+    assert method_from_hf_config(Config()).keep == 8
+    assert method_from_hf_config(object()).keep == 64
+    monkeypatch.delenv("TOKENPRUNE_CONFIG")
+    assert method_from_hf_config(object()) is None
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("{not json", "TOKENPRUNE_DRAFT_TREE is not valid JSON"),
+    ("[1, 2]", "TOKENPRUNE_DRAFT_TREE must be a JSON object"),
+    ('{"method": "fastv"}', "draft_tree method only"),
+    ('{"budget": -3}', "invalid TOKENPRUNE_DRAFT_TREE: .*budget"),
+    ('{"nonsense": 1}', "invalid TOKENPRUNE_DRAFT_TREE: .*nonsense"),
+])
+def test_malformed_draft_tree_environment_names_the_variable(monkeypatch, raw, expected):
+    from tokenprune.integrations.vllm.config import draft_tree_from_env
+
+    monkeypatch.setenv("TOKENPRUNE_DRAFT_TREE", raw)
+    with pytest.raises(ValueError, match=expected):
+        draft_tree_from_env()
+
+
+def test_draft_tree_environment_builds_the_method(monkeypatch):
+    from tokenprune.integrations.vllm.config import draft_tree_from_env
+
+    monkeypatch.delenv("TOKENPRUNE_DRAFT_TREE", raising=False)
+    assert draft_tree_from_env() == tp.DraftTree(sources=("ngram",))
+    monkeypatch.setenv("TOKENPRUNE_DRAFT_TREE", '{"method": "draft_tree", "sources": ["ngram"], "budget": 16}')
+    assert draft_tree_from_env() == tp.DraftTree(sources=("ngram",), budget=16)
+
+
+@pytest.mark.parametrize("raw", ["abc", "1.5", "-0.1", "nan", "inf"])
+def test_malformed_draft_min_prob_environment_names_the_variable(monkeypatch, raw):
+    from tokenprune.integrations.vllm.config import draft_min_prob_from_env
+
+    monkeypatch.setenv("TOKENPRUNE_DRAFT_MIN_PROB", raw)
+    with pytest.raises(ValueError, match=r"TOKENPRUNE_DRAFT_MIN_PROB must be a number in \[0, 1\]"):
+        draft_min_prob_from_env()
+
+
+def test_draft_min_prob_environment(monkeypatch):
+    from tokenprune.integrations.vllm.config import draft_min_prob_from_env
+
+    monkeypatch.delenv("TOKENPRUNE_DRAFT_MIN_PROB", raising=False)
+    assert draft_min_prob_from_env() == 0.1
+    monkeypatch.setenv("TOKENPRUNE_DRAFT_MIN_PROB", "0.25")
+    assert draft_min_prob_from_env() == 0.25
 
 
 def test_tokenprune_overrides():
@@ -114,12 +157,14 @@ def test_enable_refuses_when_engine_processes_would_not_load_the_plugin(monkeypa
 
 
 def test_version_range_is_checked(monkeypatch, caplog):
-    monkeypatch.setattr(tpv, "_vllm_version", lambda: "0.35.1")
+    from tokenprune.integrations.vllm import plugin
+
+    monkeypatch.setattr(plugin, "_vllm_version", lambda: "0.35.1")
     with pytest.raises(RuntimeError, match=r"supports vllm >=0.32.0,<0.34 \(found 0.35.1\)"):
         tpv.check_vllm_version(strict=True)
     assert tpv.check_vllm_version(strict=False) is False
     assert "found 0.35.1" in caplog.text
-    monkeypatch.setattr(tpv, "_vllm_version", lambda: "0.33.2")
+    monkeypatch.setattr(plugin, "_vllm_version", lambda: "0.33.2")
     assert tpv.check_vllm_version(strict=True) is True
 
 

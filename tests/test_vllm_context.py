@@ -116,7 +116,7 @@ def test_engine_prunes_documents_when_configured(env, tiny_llama):
     from vllm.renderers import ChatParams
 
     from tokenprune.integrations.vllm import context
-    from tokenprune.integrations.vllm_rag import prune_chat_template_kwargs
+    from tokenprune.integrations.chat import prune_chat_template_kwargs
 
     env({"context": CONTEXT})  # before the engine: what vLLM's own register() call does
     assert context._state["pruner"] is None  # lazy: nothing built before a request has documents

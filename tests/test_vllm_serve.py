@@ -154,7 +154,7 @@ def test_chat_documents_are_pruned_in_the_front_end(server, tiny_llava_576_path)
     from transformers import AutoTokenizer
 
     import tokenprune as tp
-    from tokenprune.integrations.vllm_rag import prune_chat_template_kwargs
+    from tokenprune.integrations.chat import prune_chat_template_kwargs
 
     messages = [{"role": "user", "content": "When was the company founded?"}]
     docs = [{"title": "Acme", "text": "The company was founded in 1875. The weather is red and green today. "

@@ -19,13 +19,13 @@ PATCHERS: dict[str, str] = {
     "llm": "tokenprune.integrations.hf.model:patch_model",
     "text": "tokenprune.integrations.hf.model:patch_model",
     "speculative": "tokenprune.integrations.hf.speculative:patch_model",
-    "context": "tokenprune.integrations.hf.rag:patch_context",
+    "context": "tokenprune.integrations.context:patch_context",
 }
 
 # stage -> "module:function(args, kwargs) -> target or None" used by ``prune`` to find the object
 # to patch among a decorated function's arguments (default: the first torch.nn.Module).
 TARGET_FINDERS: dict[str, str] = {}
-TARGET_FINDERS["context"] = "tokenprune.integrations.hf.rag:find_target"
+TARGET_FINDERS["context"] = "tokenprune.integrations.context:find_target"
 
 
 def _load(ref: str) -> Callable[..., Any]:

@@ -12,6 +12,10 @@ The environment may also carry ``"context": {...}``, the arguments of a :class:`
 that prunes the ``documents`` of chat requests in the front end (:func:`parse_context_config`);
 it stands alone or beside a visual ``"method"``.
 
+Every environment variable the vLLM side reads is read here (:func:`env_config`,
+:func:`draft_tree_from_env`, :func:`draft_min_prob_from_env`, :func:`plugin_reach_problem`), and a
+malformed value is a ``ValueError`` naming the variable and the expected form.
+
 This module imports neither vLLM nor transformers: ``register()`` validates the environment with
 it in every vLLM process before anything is patched, so a bad value never half-applies.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from typing import Any, Mapping, Optional
 
 from tokenprune.methods.base import Pruner, VisualPruner, available_methods, build, validate_keep
@@ -35,10 +41,21 @@ __all__ = [
     "method_from_hf_config",
     "request_keep",
     "config_to_json",
+    "DRAFT_TREE_ENV",
+    "DRAFT_MIN_PROB_ENV",
+    "env_config",
+    "set_env_config",
+    "draft_tree_from_env",
+    "draft_min_prob_from_env",
+    "plugin_reach_problem",
 ]
 
 #: environment variable holding the JSON configuration.
 ENV_VAR = "TOKENPRUNE_CONFIG"
+#: environment variable holding the vLLM drafter's DraftTree arguments as JSON.
+DRAFT_TREE_ENV = "TOKENPRUNE_DRAFT_TREE"
+#: environment variable holding the drafter's smallest path probability worth proposing.
+DRAFT_MIN_PROB_ENV = "TOKENPRUNE_DRAFT_MIN_PROB"
 #: attribute of the HF config (set through ``hf_overrides``) holding the configuration.
 HF_CONFIG_KEY = "tokenprune"
 #: per-request ``mm_processor_kwargs`` key overriding the budget.
@@ -166,13 +183,13 @@ def _check_runnable(method: Pruner, source: str) -> VisualPruner:
     return method
 
 
-def method_from_hf_config(hf_config: Any, environ: Mapping[str, str]) -> Optional[VisualPruner]:
+def method_from_hf_config(hf_config: Any) -> Optional[VisualPruner]:
     """The method configured for one engine: ``hf_config.tokenprune`` (from ``hf_overrides``) if
     set, else the environment, else ``None``."""
     value = getattr(hf_config, HF_CONFIG_KEY, None)
     if value is not None:
         return parse_config(value, source=f"hf_overrides[{HF_CONFIG_KEY!r}]")
-    return parse_config(environ.get(ENV_VAR), source=ENV_VAR)
+    return parse_config(env_config(), source=ENV_VAR)
 
 
 def request_keep(method: VisualPruner, mm_kwargs: Mapping[str, object]) -> VisualPruner:
@@ -187,3 +204,82 @@ def request_keep(method: VisualPruner, mm_kwargs: Mapping[str, object]) -> Visua
 def config_to_json(method: VisualPruner) -> str:
     """The JSON form of ``method`` accepted by :func:`parse_config`."""
     return json.dumps(method.to_config(), sort_keys=True)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def env_config() -> Optional[str]:
+    """The raw ``TOKENPRUNE_CONFIG`` value, ``None`` when unset or blank."""
+    return os.environ.get(ENV_VAR, "").strip() or None
+
+
+def set_env_config(value: Optional[str]) -> Optional[str]:
+    """Set ``TOKENPRUNE_CONFIG`` (``None``: unset it) for this process and its children; returns the
+    previous value exactly as it was (``None`` when unset)."""
+    previous = os.environ.get(ENV_VAR)
+    if value is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = value
+    return previous
+
+
+def draft_tree_from_env() -> Any:
+    """The :class:`~tokenprune.DraftTree` described by ``TOKENPRUNE_DRAFT_TREE`` (a JSON object of
+    its arguments, ``"method"`` optional), or n-gram lookup when unset.
+
+    Raises:
+        ValueError: the value is not a JSON object of DraftTree arguments (the message names the
+            variable, the expected form and the argument the method rejected).
+    """
+    raw = os.environ.get(DRAFT_TREE_ENV, "").strip()
+    example = f'{DRAFT_TREE_ENV}=\'{{"sources": ["ngram"], "budget": 16}}\''
+    if not raw:
+        arguments: dict[str, Any] = {"sources": ["ngram"]}
+    else:
+        try:
+            loaded = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tokenprune: {DRAFT_TREE_ENV} is not valid JSON ({exc}): {raw!r}; expected e.g. {example}") from None
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"tokenprune: {DRAFT_TREE_ENV} must be a JSON object of tp.DraftTree arguments, "
+                             f"got {type(loaded).__name__}; expected e.g. {example}")
+        arguments = dict(loaded)
+        name = arguments.pop("method", "draft_tree")
+        if name != "draft_tree":
+            raise ValueError(f"tokenprune: {DRAFT_TREE_ENV} configures the draft_tree method only, got method {name!r}")
+    try:
+        return build("draft_tree", **arguments)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tokenprune: invalid {DRAFT_TREE_ENV}: {exc}") from exc
+
+
+def draft_min_prob_from_env(default: float = 0.1) -> float:
+    """``TOKENPRUNE_DRAFT_MIN_PROB`` as a probability in [0, 1] (``default`` when unset)."""
+    raw = os.environ.get(DRAFT_MIN_PROB_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"tokenprune: {DRAFT_MIN_PROB_ENV} must be a number in [0, 1] such as 0.1, got {raw!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"tokenprune: {DRAFT_MIN_PROB_ENV} must be a number in [0, 1] such as 0.1, got {raw!r}")
+    return value
+
+
+def plugin_reach_problem() -> Optional[str]:
+    """Why vLLM's spawned processes would not run the plugin's ``register()``, or ``None`` if they
+    will (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine in this process; otherwise the entry
+    point must be installed and allowed by ``VLLM_PLUGINS``)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+        return None
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "tokenprune" not in [p.strip() for p in allowed.split(",")]:
+        return f"VLLM_PLUGINS={allowed!r} does not allow the 'tokenprune' plugin"
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "tokenprune" for ep in entry_points(group="vllm.general_plugins")):
+        return "the 'tokenprune' vllm.general_plugins entry point is not installed (pip install tokenprune[vllm])"
+    return None

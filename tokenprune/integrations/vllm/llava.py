@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterator, Optional
@@ -67,7 +66,7 @@ NUM_KEPT_FIELD = "tokenprune_num_kept"
 
 
 def configured_method(hf_config: Any) -> VisualPruner:
-    method = method_from_hf_config(hf_config, os.environ)
+    method = method_from_hf_config(hf_config)
     if method is None:
         raise ValueError(
             "tokenprune: the pruned LLaVA architecture is selected but no method is configured; set "

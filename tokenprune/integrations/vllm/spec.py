@@ -6,7 +6,7 @@ and pruned here and its most valuable root-to-leaf path is proposed; the pruning
 
     LLM(model, speculative_config={
         "method": "custom_class",
-        "model": "tokenprune.integrations.vllm_spec.TreeDrafter",
+        "model": "tokenprune.integrations.vllm.spec.TreeDrafter",
         "num_speculative_tokens": 8,
     })
 
@@ -22,17 +22,15 @@ vLLM's rejection sampler makes the proposal lossless (greedy and sampling, one-h
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Optional
 
+from tokenprune.integrations.vllm.config import draft_min_prob_from_env, draft_tree_from_env
 from tokenprune.speculative.prune import prune_tree
 from tokenprune.speculative.tree import TokenTree
 
-__all__ = ["TreeDrafter", "best_path", "ENV_CONFIG"]
+__all__ = ["TreeDrafter", "best_path"]
 
-ENV_CONFIG = "TOKENPRUNE_DRAFT_TREE"
 VLLM_SOURCES = ("ngram", "retrieval")
 
 
@@ -66,7 +64,6 @@ class TreeDrafter:
     """
 
     def __init__(self, vllm_config: Any, method: Optional[Any] = None, min_prob: Optional[float] = None):
-        from tokenprune.methods.base import build
         from tokenprune.methods.draft_tree import DraftTree
 
         spec = getattr(vllm_config, "speculative_config", None)
@@ -74,19 +71,18 @@ class TreeDrafter:
         model_config = getattr(vllm_config, "model_config", None)
         self.max_model_len = getattr(model_config, "max_model_len", None)
         if method is None:
-            raw = os.environ.get(ENV_CONFIG)
-            config = json.loads(raw) if raw else {"method": "draft_tree", "sources": ["ngram"]}
-            config.pop("method", None)
-            method = build("draft_tree", **config)
+            method = draft_tree_from_env()
         if not isinstance(method, DraftTree):
             raise TypeError(f"method must be a tokenprune.DraftTree, got {type(method).__name__}")
         unsupported = [s for s in method.sources if s not in VLLM_SOURCES]
         if unsupported:
             raise ValueError(f"sources {unsupported} are not available in vLLM's custom_class position; use {VLLM_SOURCES}")
         self.method = method
-        self.min_prob = float(os.environ.get("TOKENPRUNE_DRAFT_MIN_PROB", 0.1) if min_prob is None else min_prob)
-        if not 0.0 <= self.min_prob <= 1.0:
-            raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")
+        if min_prob is None:
+            min_prob = draft_min_prob_from_env()
+        elif isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"min_prob must be a number in [0, 1], got {min_prob!r}")
+        self.min_prob = float(min_prob)
         tokenizer = None
         if any(isinstance(doc, str) for doc in method.corpus):
             from transformers import AutoTokenizer

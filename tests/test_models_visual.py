@@ -29,7 +29,7 @@ VISUAL = {
 }
 FASTV = {
     "fastv_last": lambda k: tp.FastV(layer=2, keep=k, impl="torch"),
-    "fastv_text_mean": lambda k: tp.FastV(layer=2, keep=k, impl="torch", score="text_mean"),
+    "fastv_text_mean": lambda k: tp.FastV(layer=2, keep=k, impl="torch", query="text_mean"),
 }
 METHODS = {**VISUAL, **FASTV}
 _CACHE = {}
@@ -337,8 +337,10 @@ def test_fastv_keeps_k_image_tokens_per_image_from_layer_k(paths, name):
         for h in handles:
             h.remove()
     ids = inputs["input_ids"]
-    # Rows keep their (masked) padding; the batch is as long as its longest pruned row.
-    per_row = [ids.shape[1] - sum(e - s - 4 for s, e in adapter.image_runs(ids[r])) for r in range(ids.shape[0])]
+    # Layers >= K drop the rows' padding with the pruned tokens: the batch is as long as its longest
+    # pruned row (shorter rows are left-filled with masked slots).
+    real = inputs["attention_mask"].sum(1)
+    per_row = [int(real[r]) - sum(e - s - 4 for s, e in adapter.image_runs(ids[r])) for r in range(ids.shape[0])]
     assert lengths[0] == lengths[1] == ids.shape[1]
     assert lengths[2] == lengths[3] == max(per_row)
     assert [r.after for r in handle.stats.records if r.kind == "llm"] == [4, 4]
@@ -374,7 +376,7 @@ def test_fastv_selection_matches_eager_attention(paths, name, score):
     inputs = inputs_for(processor, name)
     with torch.no_grad():
         attentions = eager(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1: [B, H, L, L]
-    with tp.patch(eager, tp.FastV(layer=2, keep=4, impl="torch", score=score)) as handle:
+    with tp.patch(eager, tp.FastV(layer=2, keep=4, impl="torch", query=score)) as handle:
         with torch.no_grad():
             eager(**inputs)
     records = [r for r in handle.stats.records if r.kind == "llm"]
@@ -385,3 +387,70 @@ def test_fastv_selection_matches_eager_attention(paths, name, score):
         weights = attentions[record.row, :, queries, start:end].float().mean(dim=(0, 1))
         expected = torch.sort(torch.topk(weights, 4).indices).values
         assert list(record.kept) == expected.tolist()
+
+
+def _mixed_batch(processor, name):
+    """Rows 0 and 2 carry an image each, row 1 none."""
+    prompts, images = [], []
+    for r, with_image in enumerate([True, False, True]):
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": TEXTS[r % 2]}]
+        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        if with_image:
+            images.append(make_image(64, seed=r).resize(SIZES[name][r % 2]))
+    return processor(text=prompts, images=images, return_tensors="pt", padding=True)
+
+
+def _row(inputs, name, r, image_row):
+    """Row ``r`` of a batch as its own unpadded batch (image inputs sliced by image)."""
+    keep = inputs["attention_mask"][r].bool()
+    single = {"input_ids": inputs["input_ids"][r: r + 1, keep], "attention_mask": inputs["attention_mask"][r: r + 1, keep]}
+    if "mm_token_type_ids" in inputs:
+        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][r: r + 1, keep]
+    if image_row is None:
+        return single
+    if name.startswith("qwen"):
+        sizes = inputs["image_grid_thw"].prod(-1).tolist()
+        start = sum(sizes[:image_row])
+        single["pixel_values"] = inputs["pixel_values"][start: start + sizes[image_row]]
+        single["image_grid_thw"] = inputs["image_grid_thw"][image_row: image_row + 1]
+    else:
+        single["pixel_values"] = inputs["pixel_values"][image_row: image_row + 1]
+        if "image_sizes" in inputs:
+            single["image_sizes"] = inputs["image_sizes"][image_row: image_row + 1]
+    return single
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fastv_prunes_each_row_of_a_batch_with_imageless_rows(paths, name):
+    """Issue 15.1: a row without an image must not switch pruning off for the whole batch."""
+    model, processor = load(paths, name)
+    adapter = get_adapter(model)
+    inputs = _mixed_batch(processor, name)
+    method = tp.FastV(layer=2, keep=4, impl="torch")
+    lengths = {}
+    def record(module, args, kwargs):
+        lengths.setdefault("layer2", kwargs["hidden_states"].shape[1])
+
+    hook = adapter.decoder_layers[2].self_attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with tp.patch(model, method) as handle:
+            batch = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True)
+            singles = [model.generate(**_row(inputs, name, r, image), max_new_tokens=4, min_new_tokens=4,
+                                      do_sample=False, output_scores=True, return_dict_in_generate=True)
+                       for r, image in enumerate([0, None, 1])]
+    finally:
+        hook.remove()
+    real = inputs["attention_mask"].sum(1).tolist()
+    ids = inputs["input_ids"]
+    dropped = [sum(e - s - 4 for s, e in adapter.image_runs(ids[r])) for r in range(3)]
+    assert dropped[0] > 0 and dropped[1] == 0 and dropped[2] > 0
+    assert lengths["layer2"] == max(n - d for n, d in zip(real, dropped))  # image rows really shrank
+    images = [r for r in handle.stats.per_image(call=1) if r.kind == "llm"]
+    assert [(r.row, r.after) for r in images] == [(0, 4), (2, 4)]
+    layer2 = [(r.row, r.before, r.after) for r in handle.stats.per_layer(call=1) if r.layer == 2 and r.kind == "llm-prefill"]
+    assert layer2 == [(r, real[r], real[r] - dropped[r]) for r in range(3)]
+    for r, single in enumerate(singles):
+        assert torch.equal(batch.sequences[r, ids.shape[1]:], single.sequences[0, -4:]), r
+        torch.testing.assert_close(torch.stack(batch.scores)[:, r], torch.stack(single.scores)[:, 0],
+                                   rtol=1e-4, atol=1e-4)

@@ -65,8 +65,8 @@ def test_bad_arguments_name_the_argument():
         tp.FlowCut(decay=1.0)
     with pytest.raises(TypeError, match="seed"):
         tp.RandomPrune(seed=1.5)
-    with pytest.raises(ValueError, match="score"):
-        tp.FastV(score="mean")
+    with pytest.raises(ValueError, match="query"):
+        tp.FastV(query="mean")
     image = ImageTokens(features=torch.randn(9, 4))
     with pytest.raises(ValueError, match="cls_attention"):
         tp.HoloV(keep=3).select(image)

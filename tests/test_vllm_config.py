@@ -11,7 +11,7 @@ import pytest
 
 import tokenprune as tp
 from tokenprune.integrations import vllm as tpv
-from tokenprune.integrations.vllm.config import method_from_hf_config, parse_config, request_keep
+from tokenprune.integrations.vllm.config import method_from_hf_config, parse_config, parse_context_config, request_keep
 
 from _vllm_support import make_llm, registered_target, shutdown, vllm_env  # noqa: F401
 
@@ -45,7 +45,8 @@ def test_fraction_keep_stays_a_fraction():
     "raw, match",
     [
         ('{"method": "divprune", "keep": 64', "not valid JSON"),
-        ('["divprune"]', "JSON object"),
+        ('"divprune"', "JSON object"),
+        ('["divprune"]', r'\[0\] must be an object with a "method" name'),
         ('{"keep": 64}', 'needs a "method"'),
         ('{"method": "nope"}', "unknown method 'nope'"),
         ('{"method": "divprune", "keep": 0}', "keep must be >= 1"),
@@ -255,3 +256,24 @@ def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
     finally:
         shutdown(llm)
     assert json.loads(json.dumps(tpv.tokenprune_overrides(tp.DivPrune(keep=4))))  # JSON-able for --hf-overrides
+
+
+def test_a_composition_list_configures_visual_and_context_pruning():
+    raw = json.dumps([{"method": "context", "threshold": 0.4}, {"method": "divprune", "keep": 16}])
+    assert parse_config(raw) == tp.DivPrune(keep=16)
+    context = parse_context_config(raw)
+    assert context["threshold"] == 0.4 and "method" not in context
+    assert parse_config([tp.DivPrune(keep=8)], source="enable()") == tp.DivPrune(keep=8)
+    assert parse_config(tp.compose(tp.DivPrune(keep=8)), source="enable()") == tp.DivPrune(keep=8)
+
+
+@pytest.mark.parametrize("raw, match", [
+    ('[{"method": "divprune"}, {"method": "holov"}]', "both act at stage 'visual'"),
+    ('[{"method": "divprune"}, {"method": "snapkv"}]', "SnapKV.*vLLM plugin runs visual pruning methods only"),
+    ('[{"method": "fastv"}]', "FastV, which prunes inside the language model"),
+    ('[{"keep": 3}]', r'TOKENPRUNE_CONFIG\[0\] must be an object with a "method" name'),
+    ('[{"method": "divprune", "keep": -1}]', r"invalid TOKENPRUNE_CONFIG\[0\]: keep"),
+])
+def test_bad_composition_lists_name_the_problem(raw, match):
+    with pytest.raises(ValueError, match=match):
+        parse_config(raw)

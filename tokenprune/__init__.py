@@ -8,7 +8,8 @@ sentence-transformers are imported lazily by the parts that use them.
         out = model.generate(**inputs)
 """
 
-from tokenprune.api import patch, prune
+from tokenprune.api import compose, patch, prune
+from tokenprune.api import Compose
 from tokenprune.methods import (
     DivPrune,
     DraftTree,
@@ -17,8 +18,10 @@ from tokenprune.methods import (
     HoloV,
     ImageTokens,
     InLLMPruner,
+    KVPruner,
     Pruner,
     ScoredVisualPruner,
+    SequencePruner,
     RandomPrune,
     UniformGrid,
     VisionZip,
@@ -35,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "patch",
     "prune",
+    "compose",
+    "Compose",
     "build",
     "available_methods",
     "active_handle",
@@ -44,7 +49,9 @@ __all__ = [
     "Pruner",
     "VisualPruner",
     "ScoredVisualPruner",
+    "SequencePruner",
     "InLLMPruner",
+    "KVPruner",
     "ImageTokens",
     "ContextPruner",
     "DivPrune",
@@ -57,6 +64,6 @@ __all__ = [
     "DraftTree",
 ]
 
-from tokenprune.methods import LazyLLM, SnapKV, TextPruner  # noqa: E402
+from tokenprune.methods import Knorm, LazyLLM, SnapKV  # noqa: E402
 
-__all__ += ["TextPruner", "LazyLLM", "SnapKV"]
+__all__ += ["LazyLLM", "SnapKV", "Knorm"]

@@ -1,26 +1,125 @@
-"""``tp.patch`` (context manager / handle) and ``tp.prune`` (decorator): the user-facing hooks.
+"""``tp.patch`` (context manager / handle), ``tp.prune`` (decorator) and ``tp.compose``: the user-facing hooks.
 
 Which integration patches a target is decided by the method's ``stage``; integrations are imported
 lazily so that ``import tokenprune`` needs torch only.
+
+Composition: ``tp.patch(target, [tp.ContextPruner(...), tp.DivPrune(64), tp.SnapKV(0.5)])`` (or
+``tp.compose(...)``) orders the methods by where they act on a request — RAG context, then pre-LLM
+visual tokens, then tokens inside the decoder, then its KV cache, then speculative decoding — refuses
+combinations that cannot share a model (two methods of one stage, two decoder policies that both
+rewrite the sequence, ...) before anything is patched, and applies each method to the target it acts
+on: the context stage to a tokenizer/processor (or a vLLM ``LLM``), the others to the model.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 from tokenprune.methods.base import Pruner
 from tokenprune.patching import PatchHandle
+
+#: where each stage acts on a request, first to last.
+STAGE_ORDER = ("context", "visual", "llm", "prompt", "kv", "speculative")
+
+#: stage pairs that cannot run together, and why.
+_CONFLICTS = {
+    frozenset({"llm", "prompt"}): "both drop tokens between decoder layers; compose one of them",
+    frozenset({"speculative", "llm"}): "draft-tree verification runs its own decoding loop on the full cache",
+    frozenset({"speculative", "prompt"}): "draft-tree verification runs its own decoding loop on the full cache",
+    frozenset({"speculative", "kv"}): "draft-tree verification runs its own decoding loop on the full cache",
+    frozenset({"speculative", "visual"}): "draft trees patch text decoders, visual pruning vision-language models",
+}
+
+
+def _flatten(methods: Iterable[Any]) -> list[Pruner]:
+    flat: list[Pruner] = []
+    for i, method in enumerate(methods):
+        if isinstance(method, Compose):
+            flat += list(method.methods)
+        elif isinstance(method, Pruner):
+            flat.append(method)
+        elif isinstance(method, str):
+            raise TypeError(f"methods[{i}] must be a tokenprune method object; build one with tp.build({method!r}, ...)")
+        else:
+            raise TypeError(f"methods[{i}] must be a tokenprune method (e.g. tp.DivPrune(keep=64)), "
+                            f"got {type(method).__name__}")
+    return flat
+
+
+@dataclass
+class Compose(Pruner):
+    """Several methods applied together, ordered by stage (``STAGE_ORDER``).
+
+    Args:
+        methods: tokenprune methods (or compositions, flattened), at most one per stage.
+
+    Raises:
+        TypeError: an element is not a tokenprune method.
+        ValueError: the list is empty, two methods share a stage, or two stages conflict
+            (the message says why).
+    """
+
+    stage: ClassVar[str] = "composite"
+    name: ClassVar[str] = "compose"
+
+    methods: tuple = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, (Pruner, str)) or not isinstance(self.methods, Iterable):
+            raise TypeError(f"methods must be a list of tokenprune methods, got {type(self.methods).__name__}")
+        flat = _flatten(self.methods)
+        if not flat:
+            raise ValueError("methods must hold at least one tokenprune method")
+        unknown = [m for m in flat if m.stage not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"{type(unknown[0]).__name__} (stage {unknown[0].stage!r}) cannot be composed; "
+                             f"composable stages: {', '.join(STAGE_ORDER)}")
+        by_stage: dict[str, Pruner] = {}
+        for method in flat:
+            if method.stage in by_stage:
+                raise ValueError(
+                    f"{type(by_stage[method.stage]).__name__} and {type(method).__name__} both act at stage "
+                    f"{method.stage!r}; compose at most one method per stage"
+                )
+            by_stage[method.stage] = method
+        for pair, why in _CONFLICTS.items():
+            if pair <= by_stage.keys():
+                a, b = (type(by_stage[s]).__name__ for s in sorted(pair, key=STAGE_ORDER.index))
+                raise ValueError(f"{a} and {b} cannot be composed: {why}")
+        prompt = by_stage.get("prompt")
+        if prompt is not None and "kv" in by_stage and getattr(prompt, "revives", False):
+            raise ValueError(
+                f"{type(prompt).__name__}(revive=True) and {type(by_stage['kv']).__name__} cannot be composed: "
+                "revival re-selects prompt tokens a compressed KV cache no longer holds; use revive=False"
+            )
+        object.__setattr__(self, "methods", tuple(sorted(flat, key=lambda m: STAGE_ORDER.index(m.stage))))
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(m.stage for m in self.methods)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"method": self.name, "methods": [m.to_config() for m in self.methods]}
+
+    def __call__(self, fn: Any) -> Any:
+        """``@tp.compose(a, b)``: decorate ``model.generate`` (or a function calling it) like :func:`prune`."""
+        return prune(self)(fn)
+
 
 # stage -> "module:function" that patches a target for that stage and returns a PatchHandle.
 PATCHERS: dict[str, str] = {
     "visual": "tokenprune.integrations.hf.model:patch_model",
     "llm": "tokenprune.integrations.hf.model:patch_model",
-    "text": "tokenprune.integrations.hf.model:patch_model",
+    "prompt": "tokenprune.integrations.hf.model:patch_model",
+    "kv": "tokenprune.integrations.hf.model:patch_model",
     "speculative": "tokenprune.integrations.hf.speculative:patch_model",
     "context": "tokenprune.integrations.context:patch_context",
 }
+#: patches a model with a composition of its stages at once (they share one decoder runtime).
+COMPOSITION_PATCHER = "tokenprune.integrations.hf.model:patch_model"
 
 # stage -> "module:function(args, kwargs) -> target or None" used by ``prune`` to find the object
 # to patch among a decorated function's arguments (default: the first torch.nn.Module).
@@ -33,23 +132,106 @@ def _load(ref: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-def patch(target: Any, method: Pruner) -> PatchHandle:
-    """Apply ``method`` to ``target`` (a model, or a tokenizer/processor for context pruning).
-
-    Use as a context manager (``with tp.patch(model, method): model.generate(...)``) or keep the
-    returned handle and call ``handle.remove()``. Removing restores the target exactly.
-
-    Raises:
-        TypeError: ``method`` is not a tokenprune method.
-        NotImplementedError: the target's architecture is not supported by the method's stage.
-    """
+def _as_method(method: Any) -> Pruner:
+    """A single method, or a :class:`Compose` for a list of methods (validated here)."""
     if isinstance(method, str):
         raise TypeError(f"method must be a tokenprune method object; build one with tp.build({method!r}, ...)")
+    if isinstance(method, (list, tuple)):
+        composed = Compose(tuple(method))
+        return composed.methods[0] if len(composed.methods) == 1 else composed
     if not isinstance(method, Pruner):
-        raise TypeError(f"method must be a tokenprune method (e.g. tp.DivPrune(keep=64)), got {type(method).__name__}")
+        raise TypeError(f"method must be a tokenprune method (e.g. tp.DivPrune(keep=64)) or a list of them, "
+                        f"got {type(method).__name__}")
+    return method
+
+
+def _find(stage: str, candidates: Sequence[Any]) -> Any:
+    finder = TARGET_FINDERS.get(stage)
+    if finder is not None:
+        return _load(finder)(tuple(candidates), {})
+    import torch
+
+    return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
+
+
+def _groups(targets: Sequence[Any], method: Compose) -> list[tuple[Any, Pruner]]:
+    """``[(target, method or Compose)]``: the context stage to its target, every other stage to the model."""
+    context = [m for m in method.methods if m.stage == "context"]
+    rest = [m for m in method.methods if m.stage != "context"]
+    groups = []
+    for part in (context, rest):
+        if not part:
+            continue
+        target = _find(part[0].stage, targets)
+        if target is None:
+            names = ", ".join(type(m).__name__ for m in part)
+            wanted = ("a tokenizer, processor or vLLM LLM (it prunes chat-template documents)" if part is context
+                      else "a model (torch.nn.Module)")
+            raise ValueError(
+                f"{names} needs {wanted} among the targets; patch every object the methods act on, e.g. "
+                "tp.patch((processor, model), [tp.ContextPruner(...), tp.DivPrune(64)])"
+            )
+        groups.append((target, part[0] if len(part) == 1 else Compose(tuple(part))))
+    return groups
+
+
+def _patch_one(target: Any, method: Pruner) -> PatchHandle:
+    if isinstance(method, Compose):
+        return _load(COMPOSITION_PATCHER)(target, method)
     if method.stage not in PATCHERS:
         raise NotImplementedError(f"no integration can apply {type(method).__name__} (stage {method.stage!r}) yet")
     return _load(PATCHERS[method.stage])(target, method)
+
+
+def patch(target: Any, method: Any) -> PatchHandle:
+    """Apply ``method`` to ``target`` (a model, or a tokenizer/processor for context pruning).
+
+    ``method`` may be a list of methods (or :func:`compose`): they are ordered by stage and each is
+    applied to the target it acts on; ``target`` is then one object or a tuple of them, e.g.
+    ``tp.patch((processor, model), [tp.ContextPruner(), tp.DivPrune(64), tp.SnapKV(0.5)])``.
+
+    Use as a context manager (``with tp.patch(model, method): model.generate(...)``) or keep the
+    returned handle and call ``handle.remove()``. Removing restores every target exactly.
+
+    Raises:
+        TypeError: ``method`` is not a tokenprune method (or a list of them).
+        ValueError: a composition is invalid (see :class:`tokenprune.Compose`) or lacks a target.
+        NotImplementedError: the target's architecture is not supported by the method's stage.
+    """
+    method = _as_method(method)
+    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not isinstance(method, Compose):
+        if len(targets) > 1:
+            found = _find(method.stage, targets)
+            if found is None:
+                raise ValueError(f"none of the targets can take {type(method).__name__} (stage {method.stage!r})")
+            target = found
+        return _patch_one(target, method)
+    groups = _groups(targets, method)
+    if len(groups) == 1:
+        return _patch_one(*groups[0])
+    handle = PatchHandle(tuple(t for t, _ in groups), method)
+    try:
+        for group_target, group_method in groups:
+            sub = _patch_one(group_target, group_method)
+            sub.stats = handle.stats  # one record list for the whole composition
+            handle.on_remove(sub.remove)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def compose(*methods: Any) -> Compose:
+    """Several methods as one: ``tp.patch(model, tp.compose(tp.DivPrune(64), tp.SnapKV(0.5)))``, or as a
+    decorator, ``@tp.compose(...)`` on ``model.generate`` or a function calling it (like :func:`prune`).
+
+    Raises:
+        TypeError / ValueError: as :class:`tokenprune.Compose` (two methods of one stage, conflicting stages).
+    """
+    if len(methods) == 1 and isinstance(methods[0], (list, tuple)):
+        methods = tuple(methods[0])
+    return Compose(tuple(methods))
 
 
 def _default_target(args: tuple, kwargs: dict) -> Any:
@@ -61,16 +243,30 @@ def _default_target(args: tuple, kwargs: dict) -> Any:
     return None
 
 
-def prune(method: Pruner, target: Optional[Any] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _find_targets(method: Pruner, args: tuple, kwargs: dict) -> Any:
+    """What ``prune`` patches for one call: the target of each stage among the call's arguments."""
+    stages = [m.stage for m in method.methods] if isinstance(method, Compose) else [method.stage]
+    found = []
+    for stage in dict.fromkeys("context" if s == "context" else "model" for s in stages):
+        finder = TARGET_FINDERS.get("context") if stage == "context" else None
+        obj = _load(finder)(args, kwargs) if finder else _default_target(args, kwargs)
+        if obj is not None and obj not in found:
+            found.append(obj)
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else tuple(found)
+
+
+def prune(method: Any, target: Optional[Any] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: run the decorated function with ``method`` applied, then restore.
 
     Works on a bound ``model.generate`` (the model is its ``__self__``) and on any function that
-    calls ``generate``: the target is then ``target=`` or the first ``torch.nn.Module`` among the
-    call's arguments. The decorated function exposes the statistics of its last call as
+    calls ``generate``: the target is then ``target=`` or, among the call's arguments, the first
+    ``torch.nn.Module`` (and for context pruning the tokenizer/processor). ``method`` may be a list of
+    methods or :func:`compose`. The decorated function exposes the statistics of its last call as
     ``fn.last_stats``.
     """
-    if not isinstance(method, Pruner):
-        raise TypeError(f"method must be a tokenprune method (e.g. tp.DivPrune(keep=64)), got {type(method).__name__}")
+    method = _as_method(method)
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         bound_self = getattr(fn, "__self__", None)
@@ -80,8 +276,7 @@ def prune(method: Pruner, target: Optional[Any] = None) -> Callable[[Callable[..
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             obj = target if target is not None else bound_self
             if obj is None:
-                finder = TARGET_FINDERS.get(method.stage)
-                obj = _load(finder)(args, kwargs) if finder else _default_target(args, kwargs)
+                obj = _find_targets(method, args, kwargs)
             if obj is None:
                 raise TypeError(
                     f"tp.prune could not find what to patch for {getattr(fn, '__name__', fn)!r}: decorate a bound "

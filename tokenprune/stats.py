@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 @dataclass
@@ -34,10 +35,29 @@ class PruneStats:
 
     records: list[PruneRecord] = field(default_factory=list)
     calls: int = 0
+    _scope_depth: int = field(default=0, repr=False, compare=False)
+    _scope_call: Optional[int] = field(default=None, repr=False, compare=False)
 
     def new_call(self) -> int:
+        """Number a new call; inside :meth:`scope` every stage of one call shares the first number."""
+        if self._scope_depth and self._scope_call is not None:
+            return self._scope_call
         self.calls += 1
+        if self._scope_depth:
+            self._scope_call = self.calls
         return self.calls
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """One top-level call (``generate`` or a forward pass) of a composition: the stages it runs
+        (pre-LLM, in-LLM, KV) record under one call number."""
+        self._scope_depth += 1
+        try:
+            yield
+        finally:
+            self._scope_depth -= 1
+            if not self._scope_depth:
+                self._scope_call = None
 
     def add(self, **kwargs: Any) -> None:
         self.records.append(PruneRecord(**kwargs))
@@ -54,9 +74,17 @@ class PruneStats:
         return [r for r in self.records if r.call == call and r.layer is not None]
 
     def summary(self) -> dict[str, Any]:
-        """Totals over the last call: tokens before/after and the kept ratio."""
-        recs = self.per_image() or self.last()
-        before = sum(r.before for r in recs)
+        """Totals over the last call: tokens before/after and the kept ratio. When several stages
+        pruned the images (a composition), ``before`` is what the first one saw and ``after`` what
+        the last one kept."""
+        recs = self.per_image()
+        if recs:
+            kinds = list(dict.fromkeys(r.kind for r in recs))  # in the order the stages ran
+            before = sum(r.before for r in recs if r.kind == kinds[0])
+            recs = [r for r in recs if r.kind == kinds[-1]]
+        else:
+            recs = self.last()
+            before = sum(r.before for r in recs)
         after = sum(r.after for r in recs)
         return {
             "call": self.calls,

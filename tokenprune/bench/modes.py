@@ -36,7 +36,8 @@ DEFAULT_METHODS = {"visual": "divprune:keep=64,fastv:layer=2:keep=0.5", "text": 
                    "spec": "draft_tree:sources=ngram:budget=4,draft_tree:sources=ngram:budget=auto,draft_tree"}
 MODES = ("visual", "text", "rag", "spec")
 # method stage -> the mode that measures it ("auto" mode picks from the methods given).
-STAGE_MODES = {"visual": "visual", "llm": "visual", "text": "text", "context": "rag", "speculative": "spec"}
+STAGE_MODES = {"visual": "visual", "llm": "visual", "prompt": "text", "kv": "text", "context": "rag",
+               "speculative": "spec"}
 # (engine, mode) -> modules whose absence means "backend not installed" rather than a bug.
 BACKENDS: dict[str, tuple[str, ...]] = {"vllm": ("vllm",), "hf": ("transformers",)}
 

@@ -3,8 +3,10 @@
 from tokenprune.methods.base import (
     ImageTokens,
     InLLMPruner,
+    KVPruner,
     Pruner,
     ScoredVisualPruner,
+    SequencePruner,
     VisualPruner,
     available_methods,
     build,
@@ -23,7 +25,9 @@ __all__ = [
     "Pruner",
     "VisualPruner",
     "ScoredVisualPruner",
+    "SequencePruner",
     "InLLMPruner",
+    "KVPruner",
     "ImageTokens",
     "available_methods",
     "build",
@@ -38,8 +42,8 @@ __all__ = [
     "DraftTree",
 ]
 
-from tokenprune.methods.base import TextPruner  # noqa: E402
+from tokenprune.methods.knorm import Knorm  # noqa: E402
 from tokenprune.methods.lazyllm import LazyLLM  # noqa: E402
 from tokenprune.methods.snapkv import SnapKV  # noqa: E402
 
-__all__ += ["TextPruner", "LazyLLM", "SnapKV"]
+__all__ += ["LazyLLM", "SnapKV", "Knorm"]

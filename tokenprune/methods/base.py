@@ -8,7 +8,11 @@ class of its *stage* owns everything but the method's own rule:
   forward with every image of the batch.
 * :class:`ScoredVisualPruner`: a visual pruner that only writes :meth:`score`; the base owns top-k
   (ties to the lowest index) and returns the kept indices in original order.
-* :class:`InLLMPruner` (stage ``"llm"``): drops image tokens inside the decoder (FastV).
+* :class:`SequencePruner`: drops tokens between decoder layers at prefill; :class:`InLLMPruner`
+  (stage ``"llm"``) drops image tokens (FastV), LazyLLM (stage ``"prompt"``) prompt tokens. The
+  method writes :meth:`SequencePruner.score`; the decoder runtime ranks, gathers and masks.
+* :class:`KVPruner` (stage ``"kv"``): compresses each layer's prompt KV after prefill (SnapKV,
+  Knorm); the method writes :meth:`KVPruner.score`.
 
 Integrations (``tokenprune.integrations``) decide *where* a method acts on a given model; methods
 never special-case a model and never import an integration.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Protocol, Sequence
 
 import torch
 
@@ -26,8 +30,11 @@ __all__ = [
     "Pruner",
     "VisualPruner",
     "ScoredVisualPruner",
+    "SequencePruner",
     "InLLMPruner",
-    "TextPruner",
+    "KVPruner",
+    "DecoderView",
+    "KVView",
     "ImageTokens",
     "register",
     "available_methods",
@@ -247,8 +254,88 @@ class ScoredVisualPruner(VisualPruner):
         return topk_ascending(scores, self.num_kept(image.num_tokens)).to(image.features.device)
 
 
+class DecoderView(Protocol):
+    """What a decoder policy (:class:`SequencePruner`) sees when it scores the tokens entering layer
+    ``layer``; provided by the integration's decoder runtime.
+
+    Attributes:
+        layer: the decoder layer about to run on the kept tokens (scores come from ``layer - 1``).
+        index: ``[B, n]`` sequence index of each current slot (its original position in the prompt).
+        valid: ``[B, n]`` False for padding and filler slots.
+    """
+
+    layer: int
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    def attention(self, queries: str = "last", impl: str = "auto") -> torch.Tensor:
+        """``[B, n]`` softmax attention of the scoring ``queries`` at layer ``layer - 1`` onto the
+        current slots, averaged over heads (and queries): ``"last"`` = the last token (at decoding
+        steps: the new token), ``"text_mean"`` = every text token after the row's last image. Computed
+        from that layer's own queries and post-RoPE keys (:func:`tokenprune.kernels.attention_topk`),
+        so every layer keeps its SDPA/flash attention."""
+        ...
+
+
+class KVView(Protocol):
+    """What a KV policy (:class:`KVPruner`) sees after the prefill of one decoder layer.
+
+    Attributes:
+        layer: the decoder layer whose cache is compressed.
+        keys / values: ``[B, Hk, n, D]`` the layer's cached prompt keys (post-RoPE) and values.
+        valid: ``[B, n]`` False for padding and filler slots.
+        scale: the attention's softmax scale.
+    """
+
+    layer: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    scale: float
+
+    def queries(self, window: int) -> torch.Tensor:
+        """``[B, Hq, window, D]`` post-RoPE queries of the last ``window`` prompt slots at this layer."""
+        ...
+
+
 @dataclass
-class InLLMPruner(Pruner):
+class SequencePruner(Pruner):
+    """A decoder policy that drops tokens *between* decoder layers at prefill: the tokens entering a
+    scheduled layer are scored (:meth:`score`), the integration's runtime keeps the best ones per
+    group and runs the deeper layers on them only (their KV is never computed there). Kept tokens
+    keep their original positions.
+
+    Subclasses set the candidates (``tokens``): ``"image"`` (each image's placeholder tokens are a
+    group with its own budget; text is always kept, FastV) or ``"prompt"`` (every prompt token of a
+    row is one group, LazyLLM), and write :meth:`resolve_schedule` and :meth:`score`.
+    """
+
+    #: which tokens may be dropped: "image" (per image, text kept) or "prompt" (per row).
+    tokens: ClassVar[str] = "image"
+    #: prefix of the statistics kinds the runtime records ("<prefix>-prefill", "<prefix>-revive").
+    stats_prefix: ClassVar[str] = "llm"
+
+    def resolve_schedule(self, depth: int) -> tuple[tuple[int, float | int], ...]:
+        """``((layer, keep), ...)`` for a decoder of ``depth`` layers: before ``layer`` keep ``keep``
+        (count or fraction) of each group's tokens. ``ValueError`` when a layer is out of range."""
+        raise NotImplementedError
+
+    def score(self, view: DecoderView) -> torch.Tensor:
+        """Importance ``[B, n]`` of the tokens entering ``view.layer`` (higher = kept first)."""
+        raise NotImplementedError
+
+    def protected(self, index: torch.Tensor, length: int) -> torch.Tensor:
+        """Slots never dropped (bool, shape of ``index``) of a prompt of ``length`` tokens."""
+        return torch.zeros_like(index, dtype=torch.bool)
+
+    @property
+    def revives(self) -> bool:
+        """Whether decoding steps repeat the selection and revive dropped tokens (LazyLLM)."""
+        return False
+
+
+@dataclass
+class InLLMPruner(SequencePruner):
     """In-LLM visual pruning: drop image tokens inside the decoder, before layer ``layer``.
 
     Args:
@@ -271,17 +358,41 @@ class InLLMPruner(Pruner):
     def num_kept(self, n: int) -> int:
         return resolve_keep(self.keep, n)
 
-    def score(self, attention_to_keys: torch.Tensor, **context: Any) -> torch.Tensor:
-        """Per-key importance ``[L]`` from the attention probabilities of the scoring queries."""
-        raise NotImplementedError
+    def resolve_schedule(self, depth: int) -> tuple[tuple[int, float | int], ...]:
+        if not 1 <= self.layer < depth:
+            raise ValueError(f"layer must be in [1, {depth - 1}] for this model ({depth} decoder layers), got {self.layer}")
+        return ((self.layer, self.keep),)
 
 
 @dataclass
-class TextPruner(Pruner):
-    """Prompt / KV pruning inside a text decoder (LazyLLM, SnapKV): stage ``"text"``.
+class KVPruner(Pruner):
+    """KV-cache compression after prefill (kvpress's ``ScorerPress``): after each decoder layer's
+    prefill, every KV head keeps its ``keep`` best prompt entries by :meth:`score` (the last
+    :attr:`window` prompt tokens always among them); decoding runs on the compressed cache with the
+    kept tokens' original positions. A method writes only :meth:`score`.
 
-    The integration (``tokenprune.integrations.hf.text``) wraps the decoder layers of a causal LM;
-    the method only carries its validated configuration and its per-model resolution.
+    Args:
+        keep: KV entries kept per layer and KV head: a count (>= 1) or a fraction in (0, 1] of the
+            prompt's tokens at that layer.
     """
 
-    stage: ClassVar[str] = "text"
+    stage: ClassVar[str] = "kv"
+    #: last prompt tokens always kept (their queries are what :meth:`KVView.queries` returns).
+    window: ClassVar[int] = 0
+
+    keep: int | float = 0.5
+
+    def __post_init__(self) -> None:
+        validate_keep(self.keep)
+
+    def num_kept(self, n: int) -> int:
+        """KV entries kept out of a prompt of ``n`` tokens."""
+        return resolve_keep(self.keep, n)
+
+    def score(self, view: KVView) -> torch.Tensor:
+        """Importance ``[B, Hk, n]`` of each cached prompt entry per KV head (higher = kept)."""
+        raise NotImplementedError
+
+
+#: stages that act inside a decoder, in the order a composition applies them.
+DECODER_STAGES = ("llm", "prompt", "kv")

@@ -9,8 +9,8 @@ layers ``>= K`` (layers ``< K`` keep every token). Paper defaults: K = 2, R = 50
 The score comes from ``tokenprune.kernels.attention_topk`` on layer ``K - 1``'s queries and keys,
 so every layer keeps running SDPA/flash attention. Kept tokens keep their original positions.
 
-``score="last"`` (default) ranks by the attention of the last prompt token, as the public code does;
-``score="text_mean"`` averages the attention of every text token after the row's last image (the
+``query="last"`` (default) ranks by the attention of the last prompt token, as the public code does;
+``query="text_mean"`` averages the attention of every text token after the row's last image (the
 instruction), closer to the paper's wording ("average attention received").
 """
 
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenprune.methods.base import InLLMPruner, register
+import torch
+
+from tokenprune.methods.base import DecoderView, InLLMPruner, register
 
 
 @register("fastv")
@@ -28,17 +30,20 @@ class FastV(InLLMPruner):
         layer: K, the first decoder layer that sees the pruned sequence (``1 <= K < num_layers``).
         keep: image tokens kept per image: a count or a fraction (``0.5`` = the paper's R = 50%).
         impl: ``attention_topk`` implementation, ``"auto"`` | ``"triton"`` | ``"torch"``.
-        score: ``"last"`` (last prompt token) or ``"text_mean"`` (mean over the text after the images).
+        query: ``"last"`` (last prompt token) or ``"text_mean"`` (mean over the text after the images).
     """
 
     layer: int = 2
     keep: int | float = 0.5
     impl: str = "auto"
-    score: str = "last"
+    query: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.score not in ("last", "text_mean"):
-            raise ValueError(f"score must be 'last' or 'text_mean', got {self.score!r}")
+        if self.query not in ("last", "text_mean"):
+            raise ValueError(f"query must be 'last' or 'text_mean', got {self.query!r}")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
+
+    def score(self, view: DecoderView) -> torch.Tensor:
+        return view.attention(self.query, impl=self.impl)

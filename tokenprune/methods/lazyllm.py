@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
-from tokenprune.methods.base import TextPruner, register
+import torch
+
+from tokenprune.methods.base import DecoderView, SequencePruner, register
 
 #: default schedule as (fraction of depth, fraction of the prompt kept): the issue's
 #: ((4, 0.7), (8, 0.5), (16, 0.3)) for a 32-layer model, scaled to any depth.
@@ -38,7 +40,7 @@ def _check_keep(keep: Any, where: str) -> float:
 
 @register("lazyllm")
 @dataclass
-class LazyLLM(TextPruner):
+class LazyLLM(SequencePruner):
     """Args:
         schedule: ``((layer, keep), ...)``: before decoder layer ``layer`` (``1 <= layer < depth``,
             strictly increasing) keep the fraction ``keep`` in (0, 1] of the prompt (non-increasing
@@ -49,6 +51,10 @@ class LazyLLM(TextPruner):
             prunes once at prefill and decodes on the pruned cache.
         impl: ``attention_topk`` implementation, ``"auto"`` | ``"triton"`` | ``"torch"``.
     """
+
+    stage: ClassVar[str] = "prompt"
+    tokens: ClassVar[str] = "prompt"
+    stats_prefix: ClassVar[str] = "text"
 
     schedule: Optional[tuple[tuple[int, float], ...]] = None
     window: int = 32
@@ -103,3 +109,13 @@ class LazyLLM(TextPruner):
                     f"({depth} decoder layers)"
                 )
         return self.schedule
+
+    def score(self, view: DecoderView) -> torch.Tensor:
+        return view.attention("last", impl=self.impl)
+
+    def protected(self, index: torch.Tensor, length: int) -> torch.Tensor:
+        return (index >= length - self.window) & (index < length)
+
+    @property
+    def revives(self) -> bool:
+        return self.revive

@@ -13,12 +13,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenprune.methods.base import TextPruner, register, resolve_keep, validate_keep
+import torch
+
+from tokenprune.kernels import attention_topk
+from tokenprune.methods.base import KVPruner, KVView, register
+
+
+def snapkv_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, window: int, kernel: int,
+                  scale: float, impl: str = "auto") -> torch.Tensor:
+    """Pooled SnapKV votes ``[B, Hk, L - window]`` of the prompt keys outside the window.
+
+    ``q`` ``[B, Hq, window, D]`` the window's queries, ``keys`` ``[B, Hk, L, D]`` (both post-RoPE),
+    ``valid`` ``[B, L]``. Per KV head: softmax attention of the window queries over the whole prompt
+    (causal), averaged over the window and the query heads of the group, then average-pooled over
+    key positions (width ``kernel``, zero padding counted, as SnapKV/kvpress do).
+    """
+    hq, w = q.shape[1], q.shape[2]
+    hk, length = keys.shape[1], keys.shape[2]
+    group = hq // hk
+    votes = torch.stack([
+        attention_topk(q[:, h * group:(h + 1) * group], keys[:, h:h + 1], 1, key_start=0, key_end=length - w,
+                       causal=True, scale=scale, key_padding_mask=valid, impl=impl)[1]
+        for h in range(hk)
+    ], 1)
+    return torch.nn.functional.avg_pool1d(votes, kernel, stride=1, padding=kernel // 2)
 
 
 @register("snapkv")
 @dataclass
-class SnapKV(TextPruner):
+class SnapKV(KVPruner):
     """Args:
         keep: KV entries kept per layer and KV head: a count (>= 1) or a fraction in (0, 1] of the
             prompt; the window counts towards it.
@@ -33,7 +56,7 @@ class SnapKV(TextPruner):
     impl: str = "auto"
 
     def __post_init__(self) -> None:
-        validate_keep(self.keep)
+        super().__post_init__()
         for name in ("window", "kernel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -45,6 +68,7 @@ class SnapKV(TextPruner):
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
 
-    def num_kept(self, n: int) -> int:
-        """KV entries kept out of a prompt of ``n`` tokens."""
-        return resolve_keep(self.keep, n)
+    def score(self, view: KVView) -> torch.Tensor:
+        w = min(self.window, view.keys.shape[2])
+        votes = snapkv_scores(view.queries(w), view.keys, view.valid, w, self.kernel, view.scale, self.impl)
+        return torch.cat([votes, votes.new_zeros(*votes.shape[:2], w)], -1)  # the window is always kept

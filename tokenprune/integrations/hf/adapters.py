@@ -46,11 +46,16 @@ class ModelAdapter:
     """What every integration needs from a model: its decoder stack and attention internals."""
 
     architectures: ClassVar[tuple[str, ...]] = ()
-    #: stages of methods this architecture can take ("visual", "llm", "text", ...).
+    #: stages of methods this architecture can take ("visual", "llm", "prompt", "kv").
     stages: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: Any):
         self.model = model
+
+    def inner_model(self) -> Any:
+        """The module under the LM head that receives the final ``input_ids`` (after any pre-LLM
+        pruning) and the cache: where the decoder runtime detects prefill and decoding steps."""
+        return self.model.model
 
     # -- decoder ------------------------------------------------------------------------------
     def text_model(self) -> Any:
@@ -158,8 +163,9 @@ class LlavaAdapter(VisionLanguageAdapter):
     ``cls_attention`` / ``keys`` / ``flow_layers`` get them from a :class:`ClipProbe` on the CLIP
     tower (the [CLS] row of each layer, from the layer's own q/k/v projections)."""
 
-    #: "text": prompt / KV pruning (LazyLLM, SnapKV) in its Llama decoder, image tokens included.
-    stages = frozenset({"visual", "llm", "text"})
+    #: "prompt" / "kv": prompt and KV pruning (LazyLLM, SnapKV, Knorm) in its Llama decoder, image
+    #: tokens included.
+    stages = frozenset({"visual", "llm", "prompt", "kv"})
 
     def text_model(self) -> Any:
         return self.model.model.language_model
@@ -394,9 +400,9 @@ class QwenVLAdapter(VisionLanguageAdapter):
 @register_adapter("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 class CausalLMAdapter(ModelAdapter):
     """Llama-family text decoders (``model.model`` holds ``layers``, ``rotary_emb``, ``config``):
-    prompt / KV pruning (LazyLLM, SnapKV)."""
+    prompt / KV pruning (LazyLLM, SnapKV, Knorm)."""
 
-    stages = frozenset({"text"})
+    stages = frozenset({"prompt", "kv"})
 
     def text_model(self) -> Any:
         return self.model.model

@@ -73,8 +73,42 @@ def _visual_methods() -> list[str]:
     return [n for n in available_methods() if get_method_class(n).stage == "visual"]
 
 
+def _from_list(items: list, source: str) -> dict[str, Any]:
+    """A composition (a list of method configurations or objects, as ``tp.patch`` takes) as the
+    mapping form: the visual method's arguments at the top level, the context pruner's under
+    ``"context"``. Stage conflicts are refused as :class:`tokenprune.Compose` refuses them."""
+    from tokenprune.api import Compose
+
+    methods = []
+    for i, item in enumerate(items):
+        if isinstance(item, Pruner):
+            methods.append(item)
+            continue
+        if not isinstance(item, Mapping) or not isinstance(item.get("method"), str):
+            raise ValueError(f'tokenprune: {source}[{i}] must be an object with a "method" name, such as '
+                             f'{{"method": "divprune", "keep": 64}}, got {item!r}')
+        arguments = dict(item)
+        try:
+            methods.append(build(arguments.pop("method"), **arguments))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tokenprune: invalid {source}[{i}]: {exc}") from exc
+    try:
+        composed = Compose(tuple(methods))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tokenprune: invalid {source}: {exc}") from exc
+    mapping: dict[str, Any] = {}
+    for method in composed.methods:
+        if method.stage == "context":
+            config = method.to_config()
+            config.pop("method")
+            mapping[CONTEXT_KEY] = config
+        else:
+            mapping.update(_check_runnable(method, source).to_config())
+    return mapping
+
+
 def _load_mapping(raw: Any, source: str) -> Optional[Mapping[str, Any]]:
-    """``raw`` (JSON string or mapping) as a mapping, ``None`` when empty."""
+    """``raw`` (JSON string, mapping, or a list of methods: a composition) as a mapping, ``None`` when empty."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return None
     if isinstance(raw, str):
@@ -82,10 +116,14 @@ def _load_mapping(raw: Any, source: str) -> Optional[Mapping[str, Any]]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ValueError(f"tokenprune: {source} is not valid JSON ({exc}): {raw!r}") from exc
+    if getattr(raw, "stage", None) == "composite":
+        raw = list(raw.methods)
+    if isinstance(raw, (list, tuple)):
+        return _from_list(list(raw), source)
     if not isinstance(raw, Mapping):
         raise ValueError(
             f"tokenprune: {source} must be a JSON object such as "
-            f'{{"method": "divprune", "keep": 64}}, got {type(raw).__name__}'
+            f'{{"method": "divprune", "keep": 64}} (or a list of them), got {type(raw).__name__}'
         )
     return raw
 
@@ -97,7 +135,7 @@ def parse_context_config(raw: Any, source: str = ENV_VAR) -> Optional[dict[str, 
     Raises:
         ValueError: malformed JSON, ``"context"`` not an object, or arguments the pruner rejects.
     """
-    if isinstance(raw, Pruner):
+    if isinstance(raw, Pruner) and raw.stage != "composite":
         return None
     mapping = _load_mapping(raw, source)
     if mapping is None or mapping.get(CONTEXT_KEY) is None:
@@ -123,7 +161,8 @@ def parse_config(raw: Any, source: str = ENV_VAR) -> Optional[VisualPruner]:
 
     Args:
         raw: a JSON string, a mapping ``{"method": name, **arguments}``, a :class:`Pruner`
-            instance, or ``None`` / ``""`` (not configured).
+            instance, a composition (a list of such mappings or methods, or ``tp.compose(...)``:
+            at most one visual method and one context pruner), or ``None`` / ``""`` (not configured).
         source: where ``raw`` came from, used in error messages.
 
     Raises:
@@ -131,7 +170,7 @@ def parse_config(raw: Any, source: str = ENV_VAR) -> Optional[VisualPruner]:
             ``ValueError``/``TypeError`` is chained), or a method vLLM cannot run (in-LLM and KV
             pruning have no hook in vLLM; the message says why).
     """
-    if isinstance(raw, Pruner):
+    if isinstance(raw, Pruner) and raw.stage != "composite":
         method = raw
     else:
         mapping = _load_mapping(raw, source)

@@ -1,8 +1,10 @@
 """tokenprune-bench: measurement primitives, result rows, presets and the CLI on the tiny preset."""
 
 import json
+import os
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +234,40 @@ def test_missing_engine_backend_exits_2(monkeypatch, capsys):
     assert code == 2 and "--methods is required" in err
 
 
+def test_runners_import_from_the_package_without_touching_sys_path(tmp_path):
+    """Every runner of RUNNERS (and the quality harness) imports by package name, in a fresh
+    interpreter, leaves sys.path as it found it, and a foreign top-level ``benchmarks`` package on
+    the path (pysbd installs one) shadows nothing."""
+    import subprocess
+
+    fake = tmp_path / "benchmarks"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the foreign benchmarks package was imported')\n")
+    for name in ("text_bench", "vllm_bench", "kernels"):
+        (fake / f"{name}.py").write_text("raise ImportError('a foreign benchmark module was imported')\n")
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "before = list(sys.path)\n"
+        "import importlib\n"
+        "from tokenprune.bench import modes\n"
+        "for ref in modes.RUNNERS.values():\n"
+        "    module, _, attr = ref.partition(':')\n"
+        "    runner = getattr(importlib.import_module(module), attr)\n"
+        "    assert callable(runner) and runner.__module__ == module, ref\n"
+        "    assert module.startswith('tokenprune.bench.suites.'), ref\n"
+        "import tokenprune.bench.suites.quality.evaluate, tokenprune.bench.suites.kernels\n"
+        "assert sys.path == before, set(sys.path) ^ set(before)\n"
+        "assert 'benchmarks' not in sys.modules\n"
+        "print('ok', len(modes.RUNNERS))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's tokenprune, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", str(len(modes.RUNNERS))]
+
+
 def test_modes_are_pluggable(tmp_path, monkeypatch, capsys):
     """A runner registered for (engine, mode) receives the config and its rows are reported."""
     (tmp_path / "fake_bench_mode.py").write_text(
@@ -272,7 +308,7 @@ def test_input_builders_fit_llava_next_and_qwen2_5_vl():
     import transformers
     from transformers import CLIPVisionConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
-    from tokenprune.bench.hf_visual import INPUT_BUILDERS
+    from tokenprune.bench.suites.hf_visual import INPUT_BUILDERS
     from tokenprune.bench.presets import LoadedModel
     from tokenprune.fixtures import tiny_llama_config
 
@@ -314,8 +350,8 @@ def test_plot_tolerates_ratio_of_medians_outside_paired_iqr(tmp_path):
 
 
 def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
-    """--engine vllm and --mode text call the suites in benchmarks/ and rename their figures."""
-    import types
+    """--engine vllm and --mode text call their suites' entry points and rename their figures."""
+    from tokenprune.bench.suites import text, vllm_visual
 
     calls = {}
 
@@ -332,10 +368,9 @@ def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
                 for (label, _), ttft in zip(methods, [0.5, 0.25])]
 
     monkeypatch.setitem(modes.BACKENDS, "vllm", ())
-    monkeypatch.setitem(sys.modules, "benchmarks.vllm_bench",
-                        types.SimpleNamespace(run_vllm_benchmark=run_vllm_benchmark))
-    monkeypatch.setitem(sys.modules, "benchmarks.text_bench",
-                        types.SimpleNamespace(run_text_benchmark=run_text_benchmark, PRESETS={"tiny": {}}))
+    monkeypatch.setattr(vllm_visual, "run_vllm_benchmark", run_vllm_benchmark)
+    monkeypatch.setattr(text, "run_text_benchmark", run_text_benchmark)
+    monkeypatch.setattr(text, "PRESETS", {"tiny": {}})
     path = tmp_path / "v.json"
     code, _, err = _run(capsys, "--engine", "vllm", "--methods", "divprune:keep=64", "--reps", "3", "--batch-size",
                         "2", "--json", str(path), "--quiet")

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 import tokenprune as tp  # noqa: E402
-from benchmarks.quality import data, evaluate  # noqa: E402
+from tokenprune.bench.suites.quality import data, evaluate  # noqa: E402
 
 MODEL_DIR = Path(evaluate.DEFAULT_MODEL)
 N = 48  # a fixed slice of the test split: a few seconds on two cores
@@ -112,7 +112,7 @@ def test_patch_objects_cover_each_object_and_its_centre():
 def test_training_tokenisation_and_attention_probe_match_the_model():
     """The trainer's own tokenisation equals the processor's, and the attention it supervises is the
     layer's real attention (eager ``output_attentions``), on a tiny untrained model."""
-    from benchmarks.quality import train
+    from tokenprune.bench.suites.quality import train
 
     tokenizer = train.build_tokenizer()
     model = train.build_model(tokenizer, seed=0, text_width=32, text_layers=2, text_heads=2)

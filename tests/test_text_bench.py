@@ -1,18 +1,14 @@
 """The text benchmark runs end to end on the tiny preset and reports consistent rows."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
 import tokenprune as tp
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_run_text_benchmark_tiny():
-    from text_bench import run_text_benchmark
+    from tokenprune.bench.suites.text import run_text_benchmark
 
     methods = [("baseline", None), ("lazyllm", tp.LazyLLM(schedule=((1, 0.5), (2, 0.25)), window=4)),
                ("snapkv", tp.SnapKV(keep=0.5, window=8)), ("keep-all", tp.LazyLLM(schedule=((1, 1.0),)))]

@@ -303,7 +303,7 @@ def _quality(args: argparse.Namespace) -> None:
 
     import tokenprune as tp
     from tokenprune.bench import report
-    from tokenprune.bench.external import run_quality
+    from tokenprune.bench.suites.quality.evaluate import run as run_quality
     from tokenprune.methods.base import get_method_class
 
     keeps, layers = _int_list("--keep", args.keep), _int_list("--layers", args.layers)

@@ -324,9 +324,9 @@ def plot_results(
     on a second axis.
     """
     if rows and rows[0].get("mode") == "quality":  # retention vs keep: the quality harness's own plot
-        from tokenprune.bench.external import plot_quality
+        from tokenprune.bench.suites.quality.evaluate import plot
 
-        plot_quality(list(rows), str(path))
+        plot(list(rows), Path(path))
         return
     import matplotlib
 

@@ -1,7 +1,7 @@
 """What pruning costs in answers: accuracy of every visual method on the quality harness's model.
 
-For the shipped model (:mod:`benchmarks.quality.train`) and a fixed test split of
-:mod:`benchmarks.quality.data`, this runs the unpruned model, then every registered method whose
+For the shipped model (:mod:`tokenprune.bench.suites.quality.train`) and a fixed test split of
+:mod:`tokenprune.bench.suites.quality.data`, this runs the unpruned model, then every registered method whose
 stage is ``"visual"`` or ``"llm"`` (``tp.available_methods()``, so methods that land later are picked
 up by name) at keep = 192, 128, 64, 32 of the 576 image tokens, methods with a ``layer`` field
 (FastV) at several layers, each through ``tp.patch(model, method)`` exactly as users run it.
@@ -14,7 +14,9 @@ agreement with the unpruned model's answers, accuracy per question type.
 A random baseline is always shown: the registered ``random`` method when it exists, otherwise
 :class:`HarnessRandom` below.
 
-    python -m benchmarks.quality.evaluate --n 600 --json benchmarks/results/quality.json \\
+:func:`run` is ``tokenprune-bench quality``; the module's own command line prints the tables too::
+
+    python -m tokenprune.bench.suites.quality.evaluate --n 600 --json benchmarks/results/quality.json \\
         --csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png
 """
 
@@ -29,12 +31,12 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 import tokenprune as tp
-from benchmarks.quality import data
+from tokenprune.bench.suites.quality import data
 from tokenprune.methods.base import ImageTokens, VisualPruner, get_method_class, resolve_keep
 
 DEFAULT_MODEL = Path(__file__).parent / "model"
@@ -172,6 +174,33 @@ def evaluate(model_dir: Path = DEFAULT_MODEL, n: int = 600, seed: int = 0, keeps
     return rows
 
 
+def run(model: Optional[str], methods: Optional[list[str]], keeps: Sequence[int], layers: Sequence[int],
+        samples: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
+    """``tokenprune-bench quality``: :func:`evaluate` with the CLI's arguments and row columns.
+
+    The harness's trained LLaVA (``model``: its directory, default the shipped one) answers
+    ``samples`` test questions unpruned, then with every visual/in-LLM method (``methods``: names,
+    default all registered) at each keep (and each FastV-like layer), through ``tp.patch``. The
+    random baseline is always included. Rows (unpruned first, ``method`` ``"none"``): ``method``,
+    ``label``, ``keep``, ``layer``, ``accuracy``, ``retention`` (accuracy / unpruned accuracy),
+    ``agreement`` (answers equal to the unpruned model's), ``acc_<question type>``,
+    ``majority_baseline``, ``seconds``.
+    """
+    kwargs: dict[str, Any] = {}
+    if model is not None:
+        if not Path(model).is_dir():
+            raise ValueError(f"--model must be a checkpoint directory of the quality harness, got {model!r}")
+        kwargs["model_dir"] = Path(model)
+    only = None if methods is None else [*methods, *(["random"] if "random" not in methods else [])]
+    rows = evaluate(n=samples, seed=seed, keeps=tuple(keeps), layers=tuple(layers), batch=batch_size,
+                    only=only, progress=False, **kwargs)
+    name = Path(model).name if model is not None else "quality-harness"
+    for row in rows:
+        row.update(engine="hf", mode="quality", model=name, random_weights=False, batch_size=batch_size,
+                   device="cpu", dtype="float32")
+    return rows
+
+
 def environment(model_dir: Path, n: int, seed: int) -> dict[str, Any]:
     import transformers
 
@@ -226,6 +255,7 @@ def versus_random(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Retention against keep, one line per method, random and majority-answer baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,6 +280,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

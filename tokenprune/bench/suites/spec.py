@@ -13,10 +13,18 @@ For each decoding mode (greedy, sampling), prompt kind, source and budget it rep
 tokens per target forward, the wall-clock speedup over ``model.generate(do_sample=False)``
 (baseline and method interleaved, medians over repetitions) and whether the output was identical.
 Transformers' own prompt-lookup decoding (``prompt_lookup_num_tokens``) runs on the same prompts.
+
+:func:`run` is the ``tokenprune-bench --mode spec`` runner; the full study (both decoding modes,
+every configuration of :data:`DEFAULT_CONFIGS`) writes a CSV::
+
+    python -m tokenprune.bench.suites.spec [--out benchmarks/results/spec_tree_cpu.csv] [--tokens 64] [--repeats 3]
+    python -m tokenprune.bench.suites.spec --preset medium --out benchmarks/results/spec_tree_cpu_medium.csv
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import hashlib
 import json
 import os
@@ -25,11 +33,14 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFIGS", "PRESETS"]
+from tokenprune.bench.modes import BenchConfig
+from tokenprune.bench.suites.common import SIZE_PRESETS, check_config
+
+__all__ = ["run", "run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFIGS", "PRESETS"]
 
 VOCAB = 64
 SEQ = 96
@@ -242,3 +253,107 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
         if hook is not None:
             hook.remove()
         torch.set_num_threads(previous_threads)
+
+
+def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
+    """``tokenprune-bench --mode spec``: DraftTree speculative decoding against plain greedy
+    ``generate`` and HF prompt lookup.
+
+    Calls :func:`run_spec_benchmark` (greedy decoding) with each ``draft_tree`` method of
+    ``--methods`` plus transformers' ``prompt_lookup_num_tokens=10``.
+    One row per (prompt kind, variant): ``tokens_per_forward`` (tokens generated per target
+    forward: accepted drafts + the bonus token), ``forwards_per_token``, ``speedup`` (wall clock
+    of the whole ``generate`` call over the interleaved greedy baseline, median of ``--reps``) and
+    ``identical`` (greedy output equal to the baseline's).
+
+    ``--model``: ``tiny``/``medium`` (``tiny-llava``/``medium-llava`` map to them), the suite's
+    trained Llamas (trained once, a few minutes, cached in ``~/.cache/tokenprune``), or a local
+    causal-LM checkpoint with at least 64 tokens (the prompts are ids < 64). ``--samples``:
+    prompts per kind (repeat, code, prose; default 2).
+    """
+    check_config(config, "speculative", "draft_tree:sources=ngram:budget=4")
+    kwargs: dict[str, Any] = {}
+    if config.model in SIZE_PRESETS:
+        kwargs["preset"] = SIZE_PRESETS[config.model]
+    elif Path(config.model).is_dir():
+        from transformers import AutoModelForCausalLM
+
+        kwargs["model"] = AutoModelForCausalLM.from_pretrained(config.model).eval()
+    else:
+        raise ValueError(f"spec mode needs --model tiny, medium or a causal-LM checkpoint directory, "
+                         f"got {config.model!r}")
+    configs: list[tuple[str, Any]] = [("hf-prompt-lookup-10", "prompt_lookup")]
+    for label, method in config.methods:
+        cfg = method.to_config()
+        cfg.pop("method")
+        configs.append((label, cfg))
+    n_per_kind = config.extra.get("samples") or 2
+    raw = run_spec_benchmark(configs=configs, max_new_tokens=config.new_tokens, n_per_kind=n_per_kind,
+                             repeats=config.reps, threads=torch.get_num_threads(), modes=("greedy",),
+                             verbose=False, **kwargs)
+    methods = dict(config.methods)
+    rows = []
+    for r in raw:
+        label = "baseline" if r["source"] == "none" else r["config"]
+        method = methods.get(label)
+        if method is not None:
+            name, stage, params = method.name, method.stage, method.to_config()
+        elif label == "baseline":
+            name, stage, params = "baseline", None, {}
+        else:
+            name, stage, params = "prompt_lookup", "speculative", {"prompt_lookup_num_tokens": 10}
+        suite = {k: v for k, v in r.items() if k not in ("mode", "config", "max_new_tokens")}
+        rows.append({"method": name, "label": label, "keep": None, "stage": stage, "params": params, **suite,
+                     "decoding": r["mode"], "engine": "hf", "mode": "spec", "device": "cpu", "dtype": "float32",
+                     "batch_size": 1, "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1,
+                     "prompts_per_kind": n_per_kind, "random_weights": False})
+    return rows
+
+
+def markdown(rows: list) -> str:
+    """Pivot table: one line per configuration, 'tokens per forward / speedup' per mode and prompt kind."""
+    columns = sorted({(r["mode"], r["prompt_kind"]) for r in rows}, key=lambda c: (c[0] != "greedy", c[1]))
+    configs = list(dict.fromkeys(r["config"] if r["source"] != "none" else "baseline" for r in rows))
+    cell = {((r["config"] if r["source"] != "none" else "baseline"), r["mode"], r["prompt_kind"]): r for r in rows}
+    lines = ["| config | " + " | ".join(f"{m} {k}" for m, k in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for config in configs:
+        values = []
+        for m, k in columns:
+            r = cell.get((config, m, k))
+            values.append("" if r is None else f"{float(r['tokens_per_forward']):.2f} / {float(r['speedup']):.2f}x")
+        lines.append(f"| {config} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/spec_tree_cpu.csv")
+    parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens per prompt")
+    parser.add_argument("--prompts", type=int, default=3, help="prompts per kind")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "medium"], help="trained target model size")
+    parser.add_argument("--configs", default=None, help="comma-separated config labels (default: all)")
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenprune"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configs = None
+    if args.configs:
+        wanted = args.configs.split(",")
+        configs = [c for c in DEFAULT_CONFIGS if c[0] in wanted]
+        if len(configs) != len(wanted):
+            parser.error(f"--configs must be among {[c[0] for c in DEFAULT_CONFIGS]}")
+    rows = run_spec_benchmark(max_new_tokens=args.tokens, n_per_kind=args.prompts, repeats=args.repeats,
+                              cache_dir=args.cache_dir, threads=args.threads, preset=args.preset, configs=configs)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

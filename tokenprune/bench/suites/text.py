@@ -17,8 +17,9 @@ repetitions and speed-ups are ratios of medians taken in the same run:
 Models are random-weight Llama shapes (no hub access): weights only decide fidelity figures,
 which therefore say how much the pruning perturbs *this* model, not task accuracy.
 
-``run_text_benchmark(...) -> list[dict]`` is the entry point (the ``tokenprune-bench`` text mode
-calls it); ``python benchmarks/text_bench.py --preset medium`` writes JSON/CSV under
+``run_text_benchmark(...) -> list[dict]`` is the entry point; :func:`run` is the
+``tokenprune-bench --mode text`` runner over it, and
+``python -m tokenprune.bench.suites.text --preset medium`` writes JSON/CSV under
 ``benchmarks/results/``.
 """
 
@@ -33,11 +34,13 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
 import tokenprune as tp
+from tokenprune.bench.modes import BenchConfig
+from tokenprune.bench.suites.common import SIZE_PRESETS
 
 #: model shapes (tokenprune.fixtures.tiny_llama_config arguments) and default prompt lengths.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -233,6 +236,48 @@ def run_text_benchmark(
     return rows
 
 
+def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
+    """``tokenprune-bench --mode text``: prompt/KV pruning (LazyLLM, SnapKV) on a Llama decoder,
+    ``--prompt-tokens`` long prompts, through :func:`run_text_benchmark`.
+
+    ``--model``: a suite preset (tiny, small, medium; ``tiny-llava``/``medium-llava`` map to
+    tiny/medium), a CLI text preset (``llama-3-8b``, built here
+    on the GPU and handed over) or a checkpoint directory.
+    """
+    kwargs: dict[str, Any] = {}
+    if config.model in PRESETS:
+        kwargs["preset"] = config.model
+    elif SIZE_PRESETS.get(config.model) in PRESETS:  # the CLI's default model, tiny-llava
+        kwargs["preset"] = SIZE_PRESETS[config.model]
+    elif Path(config.model).is_dir():
+        kwargs["model_path"] = config.model
+    else:
+        from tokenprune.bench.presets import get_preset, load_model, resolve_device
+
+        preset = get_preset(config.model)
+        if preset.family != "llama":
+            raise ValueError(f"text mode needs a text model: {', '.join(PRESETS)}, llama-3-8b or a "
+                             f"checkpoint directory; {config.model} is a vision-language preset")
+        kwargs["model"] = load_model(config.model, resolve_device(config.device), config.dtype, None,
+                                     config.seed).model
+    raw = run_text_benchmark(lengths=[config.prompt_tokens] if config.prompt_tokens else None,
+                             methods=[("baseline", None), *config.methods], reps=config.reps,
+                             new_tokens=config.new_tokens, progress=False, **kwargs)
+    methods = dict([("baseline", None), *config.methods])
+    rows = []
+    for r in raw:
+        method = methods.get(r["method"])
+        params = method.to_config() if method is not None else json.loads(r.get("config") or "{}")
+        rows.append({**r, "label": r["method"], "method": method.name if method is not None else "baseline",
+                     "keep": getattr(method, "keep", None), "params": params,
+                     "model": kwargs.get("preset", config.model), "random_weights": "model_path" not in kwargs,
+                     "warmup": 0,  # the suite times every run it makes
+                     "engine": "hf", "mode": "text", "ttft_ms": r["ttft_s"] * 1e3,
+                     "ttft_ms_baseline": r["ttft_s"] * r["ttft_speedup"] * 1e3, "speedup": r["ttft_speedup"],
+                     "batch_size": 1})
+    return rows
+
+
 def write_results(rows: list[dict[str, Any]], stem: str | os.PathLike) -> None:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rows = run_text_benchmark(args.preset, args.lengths, reps=args.reps, new_tokens=args.new_tokens,
                               model_path=args.model_path)
     print_table(rows)
-    out = args.out or Path(__file__).parent / "results" / f"text_{args.preset}"
+    out = args.out or Path("benchmarks") / "results" / f"text_{args.preset}"
     write_results(rows, out)
     print(f"wrote {Path(out).with_suffix('.json')} and .csv")
 

@@ -1,7 +1,11 @@
 """RAG context-pruning benchmark: answer-sentence recall, compression and latency per scorer and
-threshold on the synthetic set of ``dataset.py``, and the TTFT effect of pruned prompts.
+threshold on the synthetic set of :mod:`~tokenprune.bench.suites.rag.dataset`, and the TTFT effect
+of pruned prompts.
 
-    HF_HUB_OFFLINE=1 python benchmarks/rag/run.py            # ~15-30 min on 2 busy CPU cores
+    HF_HUB_OFFLINE=1 python -m tokenprune.bench.suites.rag.run     # ~15-30 min on 2 busy CPU cores
+
+:func:`run` is the ``tokenprune-bench --mode rag`` runner (a short version: the given methods on a
+few test questions, recall, compression and TTFT).
 
 Protocol: the bi-encoder's default threshold is chosen on the dev split (the largest threshold of
 the grid whose dev answer-sentence recall is >= 99%, a margin over the 98% goal) and reported on
@@ -20,21 +24,18 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
+from typing import Any, Callable, Iterable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from dataset import make_split  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import tokenprune as tp  # noqa: E402
-from tokenprune.methods.context import (  # noqa: E402
+import tokenprune as tp
+from tokenprune.bench.modes import BenchConfig
+from tokenprune.bench.suites.common import SIZE_PRESETS, check_config
+from tokenprune.bench.suites.rag.dataset import make_split
+from tokenprune.methods.context import (
     BiEncoderScorer,
     CrossEncoderScorer,
     PassageInput,
@@ -42,7 +43,7 @@ from tokenprune.methods.context import (  # noqa: E402
     ProvenceScorer,
     SentenceScorer,
 )
-from tokenprune.methods.context.scorers.base import adaptive_keep_scores  # noqa: E402
+from tokenprune.methods.context.scorers.base import adaptive_keep_scores
 
 THRESHOLDS = [round(0.3 + 0.025 * i, 3) for i in range(25)]  # 0.3 .. 0.9
 
@@ -155,7 +156,7 @@ def quality(args, bi, examples_dev, examples_test):
 def latency(args, bi, examples, tmp):
     scorers = {"bi-encoder (MiniLM-L6)": bi}
     if not args.skip_random_models:
-        from models import build_cross_encoder, build_provence
+        from tokenprune.bench.suites.rag.models import build_cross_encoder, build_provence
 
         scorers["cross-encoder (MiniLM-L6 shape, random)"] = CrossEncoderScorer(model=build_cross_encoder(os.path.join(tmp, "ce")))
         scorers["provence (DeBERTa-v3-large shape, random)"] = ProvenceScorer(model=build_provence(os.path.join(tmp, "prov")))
@@ -238,7 +239,113 @@ def ttft(args, bi, examples, tmp):
     }
 
 
+# the CLI runner's generator (TTFT): a random Llama with the bi-encoder's tokenizer; "medium" is the
+# one of :func:`ttft`.
+RAG_GENERATORS = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
+                  "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8)}
+
+
+def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
+    """``tokenprune-bench --mode rag``: context pruning (``tp.ContextPruner``) on the synthetic RAG set.
+
+    For each ``context`` method (scorer, threshold or keep_ratio) and the unpruned baseline, on
+    ``--samples`` test questions (default 8, 5 passages each): answer-sentence recall
+    (``gold_sentence_recall``; ``answer_recall``), compression (``token_compression``,
+    ``char_compression``), pruning latency per passage (``prune_ms_per_passage``, median over
+    questions of the best of ``--reps`` interleaved calls), and the TTFT of a random Llama
+    generator (``--model tiny``: 2x128, ``medium``: 8x512 as in :func:`ttft`)
+    prompted with all passages vs the pruned ones: ``ttft_ms`` (prefill + first token),
+    ``ttft_with_pruning_ms`` and ``speedup``/``speedup_with_pruning`` (medians over ``--reps``
+    interleaved rounds of the whole question set, per question).
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tokenprune.bench.results import Samples, variant_rows
+    from tokenprune.bench.timing import interleaved_schedule
+    from tokenprune.methods.context.scorers.bi_encoder import default_model_path
+
+    check_config(config, "context", "context:threshold=0.5")
+    size = SIZE_PRESETS.get(config.model)
+    if size is None:
+        raise ValueError(f"rag mode needs --model tiny or medium (the generator's size), got {config.model!r}")
+    examples = make_split(1, config.extra.get("samples") or 8)  # seed 1: the suite's test split
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.chat_template = DOC_TEMPLATE
+    tok.model_max_length = 4096  # the generator's window, not MiniLM's
+    torch.manual_seed(config.seed)
+    heads = RAG_GENERATORS[size]["num_attention_heads"]
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, num_key_value_heads=heads,
+                                         max_position_embeddings=4096, pad_token_id=0,
+                                         **RAG_GENERATORS[size])).eval()
+    variants: list[tuple[str, Any]] = [("baseline", None), *config.methods]
+    per_variant: dict[str, dict[str, Any]] = {}
+    for label, method in variants:
+        if method is None:
+            per_variant[label] = {"gold_sentence_recall": 1.0, "answer_recall": 1.0, "token_compression": 0.0,
+                                  "char_compression": 0.0, "kept_sentence_fraction": 1.0}
+        else:
+            per_variant[label] = dict(evaluate(method, examples, tok), scorer=method.scorer,
+                                      threshold=method.effective_threshold if method.keep_ratio is None else None,
+                                      keep_ratio=method.keep_ratio)
+
+    def prompt(example, method):
+        messages = [{"role": "user", "content": example.question}]
+        start = time.perf_counter()
+        if method is None:
+            ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+        else:
+            with tp.patch(tok, method):
+                ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+        ids.pop("token_type_ids", None)  # BERT-style tokenizer output; a Llama takes none
+        return ids, time.perf_counter() - start
+
+    samples = Samples()
+    prune_s: dict[str, list[list[float]]] = {label: [[] for _ in examples] for label, _ in variants}
+    tokens: dict[str, list[int]] = {}
+    methods = dict(variants)
+    for run in track(interleaved_schedule([label for label, _ in variants], config.reps, config.warmup),
+                     description="rag"):
+        method = methods[run.variant]
+        ttft = pruning = 0.0
+        lengths = []
+        for i, example in enumerate(examples):
+            ids, t_prune = prompt(example, method)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            ttft += time.perf_counter() - start
+            pruning += t_prune
+            lengths.append(ids["input_ids"].shape[1])
+            if not run.warmup:
+                prune_s[run.variant][i].append(t_prune / len(example.passages))
+        tokens[run.variant] = lengths
+        if not run.warmup:
+            n = len(examples)
+            samples.add(run.variant, run.rep, ttft_ms=1e3 * ttft / n, e2e_ms=1e3 * (ttft + pruning) / n)
+    for label, _ in variants:
+        per_variant[label].update(
+            prompt_tokens=round(statistics.median(tokens["baseline"])),
+            prompt_tokens_after=round(statistics.median(tokens[label])),
+            prune_ms_per_passage=None if methods[label] is None
+            else 1e3 * statistics.median(min(t) for t in prune_s[label]))
+    rows = variant_rows(samples, variants, per_variant, common={
+        "model": f"rag-generator-{size}", "engine": "hf", "mode": "rag", "device": "cpu", "dtype": "float32",
+        "random_weights": True, "num_parameters": sum(p.numel() for p in model.parameters()),
+        "questions": len(examples), "passages_per_question": len(examples[0].passages), "batch_size": 1,
+        "new_tokens": 1, "reps": config.reps, "warmup": config.warmup})
+    for row in rows:  # e2e here = pruning + prefill: the TTFT a user of the pruned prompt sees
+        row["ttft_with_pruning_ms"] = row.pop("e2e_ms")
+        row["speedup_with_pruning"] = row.pop("e2e_speedup", 1.0 if row["method"] == "baseline" else None)
+        for key in [k for k in row if k.startswith("e2e_ms")]:
+            row.pop(key)
+    return rows
+
+
 def main():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-dev", type=int, default=100)
     ap.add_argument("--n-test", type=int, default=100)

@@ -1,10 +1,13 @@
 """LLMLingua / LongLLMLingua on the same synthetic RAG set, in their own environment.
 
-llmlingua pins an older transformers, so it runs in a separate venv (see docs/context_pruning.md):
+llmlingua pins an older transformers, so it runs in a separate venv (see docs/context_pruning.md),
+from the root of a checkout (``-m`` puts the working directory on the path; only torch and this
+package's stdlib-only :mod:`~tokenprune.bench.suites.rag.dataset` are imported from it):
 
     python3 -m venv /tmp/llmlingua_venv
     /tmp/llmlingua_venv/bin/pip install torch==2.13.0 llmlingua "transformers<4.50"
-    /tmp/llmlingua_venv/bin/python benchmarks/rag/llmlingua_side.py --out benchmarks/results/rag_llmlingua.json
+    /tmp/llmlingua_venv/bin/python -m tokenprune.bench.suites.rag.llmlingua_side \
+        --out benchmarks/results/rag_llmlingua.json
 
 Offline adaptations, both outside llmlingua's code:
 
@@ -26,15 +29,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-from dataset import make_split  # noqa: E402
+from tokenprune.bench.suites.rag.dataset import make_split
 
 
 def build_compressor_lm(path: str, corpus: list[str]) -> str:
@@ -71,6 +71,7 @@ class _TokenCounter:
 
 
 def main():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--rate", type=float, default=0.35, help="kept fraction (0.35 = 65%% compression)")

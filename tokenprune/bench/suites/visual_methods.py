@@ -1,7 +1,7 @@
 """Visual pruning methods x models on tiny offline fixtures: tokens reaching the decoder and
 time-to-first-token ratios (HF generate, CPU, one thread).
 
-    python benchmarks/visual_methods.py [--repeats 5] [--keep 64] [--out benchmarks/results/visual_methods_cpu]
+    python -m tokenprune.bench.suites.visual_methods [--repeats 5] [--keep 64] [--out benchmarks/results/visual_methods_cpu]
 
 Per model, every method and the unpatched baseline run interleaved ``repeats`` times; the ratio is
 median(baseline TTFT) / median(method TTFT) from the same run. TTFT = ``generate(max_new_tokens=1)``

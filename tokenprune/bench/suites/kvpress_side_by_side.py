@@ -1,15 +1,17 @@
 """Side by side with kvpress's SnapKV (NVIDIA/kvpress ``SnapKVPress``) on the same model and prompts.
 
-kvpress needs transformers < 5.3, so it runs in its own environment (see docs/text_pruning.md):
+kvpress needs transformers < 5.3, so it runs in its own environment (see docs/text_pruning.md),
+from the root of a checkout (``-m`` puts the working directory on the path):
 
     # 1. in the kvpress venv: baseline vs kvpress SnapKV, interleaved; kept indices of prompt 0
-    /tmp/kvpress_venv/bin/python benchmarks/kvpress_side_by_side.py run --model-path /tmp/tp_medium
+    /tmp/kvpress_venv/bin/python -m tokenprune.bench.suites.kvpress_side_by_side run --model-path /tmp/tp_medium
     # 2. in the tokenprune env: our SnapKV's selection on prompt 0 against kvpress's
-    python benchmarks/kvpress_side_by_side.py compare --model-path /tmp/tp_medium
+    python -m tokenprune.bench.suites.kvpress_side_by_side compare --model-path /tmp/tp_medium
 
-The model is the ``text_bench`` preset saved with ``save_pretrained`` (``text_bench.py
---model-path``); prompts come from the same seeded generator, so both environments see the very
-same weights and token ids. Timing and fidelity columns are those of ``text_bench``.
+The model is the text suite's preset saved with ``save_pretrained``
+(``python -m tokenprune.bench.suites.text --model-path``); prompts come from the same seeded
+generator, so both environments see the very same weights and token ids. Timing and fidelity
+columns are those of :mod:`tokenprune.bench.suites.text`.
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ import argparse
 import os
 import json
 import statistics
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
+from tokenprune.bench.suites.text import _Clock, build_model, cache_bytes, environment, make_prompt, write_results
 
-from text_bench import _Clock, cache_bytes, environment, make_prompt, write_results  # noqa: E402
-
-RESULTS = Path(os.environ.get("TOKENPRUNE_RESULTS", Path(__file__).parent / "results"))
+RESULTS = Path(os.environ.get("TOKENPRUNE_RESULTS", Path("benchmarks") / "results"))
 
 
 def kept_indices(full_keys: torch.Tensor, kept_keys: torch.Tensor) -> torch.Tensor:
@@ -127,7 +125,6 @@ def run_kvpress(args) -> None:
 
 def compare(args) -> None:
     import tokenprune as tp
-    from text_bench import build_model
 
     model = build_model("medium", args.model_path)
     out = {}

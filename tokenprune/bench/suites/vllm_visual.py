@@ -19,10 +19,11 @@ off, so both see the same machine state. Reported: medians, the speedup, the *id
 
 Usage (CPU, tiny and medium presets, results to CSV)::
 
-    python benchmarks/vllm_bench.py --presets tiny medium --keep 64 --trials 5 \\
+    python -m tokenprune.bench.suites.vllm_visual --presets tiny medium --keep 64 --trials 5 \\
         --out benchmarks/results/vllm_cpu.csv
 
-``run_vllm_benchmark(...)`` returns the rows as dicts (``tokenprune-bench --engine vllm`` calls it).
+``run_vllm_benchmark(...)`` returns the rows as dicts; :func:`run` is the
+``tokenprune-bench --engine vllm`` runner over it.
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
+from tokenprune.bench.modes import BenchConfig
 
 #: model presets: keyword arguments of ``tokenprune.fixtures.build_tiny_llava`` (576 image tokens).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -246,6 +245,49 @@ def _bench_preset(preset, path, keep, method, trials, batch, max_tokens, progres
             }
         )
     return rows
+
+
+# CLI preset -> this suite's preset (its own checkpoints, saved once; shapes in PRESETS).
+CLI_PRESETS = {"tiny-llava": "tiny", "medium-llava": "medium"}
+
+
+def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
+    """``tokenprune-bench --engine vllm``: one visual method with an integer keep against the
+    unpruned engine, through :func:`run_vllm_benchmark`.
+
+    Rows: the baseline and the method, with TTFT (a ``max_tokens=1`` request) and request throughput
+    (``throughput_rps``, a batch of ``batch_size`` requests generating ``new_tokens`` each).
+    """
+    if len(config.methods) != 1:
+        raise ValueError("the vllm engine measures one method per run (e.g. --methods divprune:keep=64)")
+    label, method = config.methods[0]
+    if method.stage != "visual" or not isinstance(method.keep, int):
+        raise ValueError("the vllm engine runs pre-LLM visual methods with an integer keep (e.g. divprune:keep=64)")
+    preset = CLI_PRESETS.get(config.model, config.model)
+    raw = run_vllm_benchmark(presets=[preset], keep=method.keep, method=method.name, trials=config.reps,
+                             batch=config.batch_size, max_tokens=config.new_tokens, progress=False)
+    by_metric = {r["metric"]: r for r in raw}
+    ttft, tput = by_metric["ttft_s"], by_metric.get("throughput_rps", {})
+    extra = {k: v for k, v in ttft.items() if k not in ("metric", "baseline", "pruned", "speedup", "method", "keep")}
+    import torch
+
+    common = {"model": f"vllm:{preset}", "engine": "vllm", "mode": "visual", "random_weights": True,
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "float32",
+              "batch_size": config.batch_size, "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1,
+              "visual_tokens_before": N_IMAGE_TOKENS, **extra}
+    base_row = {"method": "baseline", "label": "baseline", "keep": None, "params": {}, **common,
+                "ttft_ms": ttft["baseline"] * 1e3, "ttft_ms_baseline": ttft["baseline"] * 1e3, "speedup": 1.0,
+                "visual_tokens_after": N_IMAGE_TOKENS, "prompt_tokens": ttft.get("prompt_tokens_baseline"),
+                "prompt_tokens_after": ttft.get("prompt_tokens_baseline"), "ideal_ratio": 1.0,
+                "throughput_rps": tput.get("baseline")}
+    method_row = {"method": method.name, "label": label, "keep": method.keep, "params": method.to_config(), **common,
+                  "ttft_ms": ttft["pruned"] * 1e3, "ttft_ms_baseline": ttft["baseline"] * 1e3,
+                  "speedup": ttft["speedup"], "visual_tokens_after": method.keep,
+                  "prompt_tokens": ttft.get("prompt_tokens_baseline"),
+                  "prompt_tokens_after": ttft.get("prompt_tokens_pruned"),
+                  "ideal_ratio": ttft.get("ideal_speedup"), "ratio_to_ideal": ttft.get("fraction_of_ideal"),
+                  "throughput_rps": tput.get("pruned"), "throughput_speedup": tput.get("speedup")}
+    return [base_row, method_row]
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -12,8 +12,8 @@ hit all alike); GPU timings use ``triton.testing.do_bench``. Triton is not timed
 runs only in the interpreter. Results go to ``benchmarks/results/kernels_<device>_<date>.csv`` with
 the machine, versions and date.
 
-    python benchmarks/kernels.py                  # CPU, 2 threads
-    python benchmarks/kernels.py --device cuda    # GPU (H100/H200)
+    python -m tokenprune.bench.suites.kernels                  # CPU, 2 threads
+    python -m tokenprune.bench.suites.kernels --device cuda    # GPU (H100/H200)
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tokenprune.kernels import attention_topk, mmdp_select  # noqa: E402
+from tokenprune.kernels import attention_topk, mmdp_select
 
 
 def divprune_loop(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -216,8 +213,7 @@ def main() -> None:
           f"load {info['load_avg_1min']} | {info['date']}")
     print_table(rows)
     tag = f"{clock}clock" if args.device == "cuda" else f"{torch.get_num_threads()}threads_{clock}clock"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"kernels_{args.device}_{tag}_{info['date'][:10]}.csv")
+    out = args.out or os.path.join("benchmarks", "results", f"kernels_{args.device}_{tag}_{info['date'][:10]}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)

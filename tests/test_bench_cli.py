@@ -95,8 +95,8 @@ def test_variant_rows_speedups():
 
     samples = Samples()
     for rep, (base, fast) in enumerate([(100.0, 25.0), (120.0, 40.0), (80.0, 40.0)]):
-        samples.add("baseline", rep, ttft_ms=base, decode_tok_s=10.0)
-        samples.add("dp", rep, ttft_ms=fast, decode_tok_s=12.0, peak_mem_mb=None)
+        samples.add("baseline", rep, ttft_ms=base, decode_tok_s=10.0, throughput_rps=1000 / base)
+        samples.add("dp", rep, ttft_ms=fast, decode_tok_s=12.0 + rep, peak_mem_mb=None, throughput_rps=1000 / fast)
     rows = variant_rows(samples, [("baseline", None), ("dp", tp.DivPrune(keep=8))],
                         per_variant={"dp": {"ideal_ratio": 4.0}}, common={"model": "m"})
     base, dp = rows
@@ -105,7 +105,13 @@ def test_variant_rows_speedups():
     assert dp["ttft_ms"] == 40.0 and dp["ttft_ms_baseline"] == 100.0
     assert dp["speedup"] == pytest.approx(2.5)
     assert (dp["speedup_min"], dp["speedup_max"]) == (pytest.approx(2.0), pytest.approx(4.0))  # paired: 4, 3, 2
-    assert dp["decode_speedup"] == pytest.approx(1.2)
+    assert dp["speedup_paired"] == pytest.approx(3.0)
+    assert dp["decode_speedup"] == pytest.approx(1.3)  # higher is better: method / baseline
+    assert (dp["decode_speedup_min"], dp["decode_speedup_max"]) == (pytest.approx(1.2), pytest.approx(1.4))
+    # throughput = 1 / TTFT here: its speedup and paired spread are TTFT's
+    assert dp["throughput_speedup"] == pytest.approx(dp["throughput_rps"] / dp["throughput_rps_baseline"])
+    assert (dp["throughput_speedup_min"], dp["throughput_speedup_max"]) == (pytest.approx(2.0), pytest.approx(4.0))
+    assert base["throughput_speedup"] == 1.0 and "throughput_speedup_q1" not in base
     assert dp["ratio_to_ideal"] == pytest.approx(2.5 / 4.0)
     assert "peak_mem_mb" not in dp and dp["model"] == "m"
     with pytest.raises(ValueError):
@@ -349,23 +355,29 @@ def test_plot_tolerates_ratio_of_medians_outside_paired_iqr(tmp_path):
         plot_results(rows[:1], tmp_path / "q.png")
 
 
-def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
-    """--engine vllm and --mode text call their suites' entry points and rename their figures."""
+def test_suite_runners_pass_the_config(monkeypatch, tmp_path, capsys):
+    """--engine vllm and --mode text hand the config to their suites' entry points and report their rows."""
+    import tokenprune as tp
     from tokenprune.bench.suites import text, vllm_visual
 
     calls = {}
 
-    def run_vllm_benchmark(presets, keep, method, trials, batch, max_tokens, progress):
-        calls["vllm"] = dict(presets=presets, keep=keep, method=method, trials=trials, batch=batch)
-        common = dict(preset=presets[0], method=method, keep=keep, prompt_tokens_baseline=600,
-                      prompt_tokens_pruned=88, ideal_speedup=600 / 88, trials=trials)
-        return [dict(common, metric="ttft_s", baseline=0.4, pruned=0.1, speedup=4.0, fraction_of_ideal=4 / (600 / 88)),
-                dict(common, metric="throughput_rps", baseline=2.0, pruned=5.0, speedup=2.5)]
+    def fake_rows(labels):
+        samples = Samples()
+        for rep in range(2):
+            for (label, _), ttft in zip(labels, [400.0, 100.0]):
+                samples.add(label, rep, ttft_ms=ttft)
+        return variant_rows(samples, labels)
 
-    def run_text_benchmark(preset="tiny", lengths=None, methods=None, reps=3, new_tokens=None, progress=True, **kw):
-        calls["text"] = dict(preset=preset, lengths=lengths, labels=[label for label, _ in methods], reps=reps)
-        return [dict(method=label, prompt_tokens=lengths[0], ttft_s=ttft, ttft_speedup=0.5 / ttft, kl=0.0)
-                for (label, _), ttft in zip(methods, [0.5, 0.25])]
+    def run_vllm_benchmark(presets, method, trials, batch, max_tokens, warmup, track, keep=None):
+        calls["vllm"] = dict(presets=presets, method=method.to_config(), trials=trials, batch=batch, warmup=warmup)
+        return fake_rows([("baseline", None), (method.name, method)])
+
+    def run_text_benchmark(preset="tiny", lengths=None, methods=None, reps=3, new_tokens=None, warmup=0, track=None,
+                           **kw):
+        calls["text"] = dict(preset=preset, lengths=lengths, labels=[label for label, _ in methods], reps=reps,
+                             warmup=warmup, new_tokens=new_tokens)
+        return fake_rows(methods)
 
     monkeypatch.setitem(modes.BACKENDS, "vllm", ())
     monkeypatch.setattr(vllm_visual, "run_vllm_benchmark", run_vllm_benchmark)
@@ -373,23 +385,23 @@ def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(text, "PRESETS", {"tiny": {}})
     path = tmp_path / "v.json"
     code, _, err = _run(capsys, "--engine", "vllm", "--methods", "divprune:keep=64", "--reps", "3", "--batch-size",
-                        "2", "--json", str(path), "--quiet")
+                        "2", "--warmup", "0", "--json", str(path), "--quiet")
     assert code == 0, err
-    assert calls["vllm"] == dict(presets=["tiny"], keep=64, method="divprune", trials=3, batch=2)
+    assert calls["vllm"] == dict(presets=["tiny"], method=tp.DivPrune(keep=64).to_config(), trials=3,
+                                 batch=2, warmup=0)
     base, dp = json.loads(path.read_text())["results"]
-    assert (base["ttft_ms"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (400.0, 100.0, 400.0, 4.0)
-    assert (dp["visual_tokens_before"], dp["visual_tokens_after"], dp["prompt_tokens_after"]) == (576, 64, 88)
-    assert dp["throughput_speedup"] == 2.5 and dp["engine"] == "vllm"
+    assert (dp["label"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == ("divprune(keep=64)", 100.0, 400.0,
+                                                                                   4.0)
     code, _, err = _run(capsys, "--engine", "vllm", "--methods", "fastv", "--quiet")
     assert code == 2 and "visual methods" in err
 
     code, _, err = _run(capsys, "--mode", "text", "--model", "tiny", "--methods", "divprune:keep=4",
-                        "--prompt-tokens", "512", "--json", str(path), "--quiet")
+                        "--prompt-tokens", "512", "--new-tokens", "4", "--json", str(path), "--quiet")
     assert code == 0, err
-    assert calls["text"] == dict(preset="tiny", lengths=[512], labels=["baseline", "divprune(keep=4)"], reps=5)
+    assert calls["text"] == dict(preset="tiny", lengths=[512], labels=["baseline", "divprune(keep=4)"], reps=5,
+                                 warmup=1, new_tokens=4)
     base, dp = json.loads(path.read_text())["results"]
-    assert (dp["method"], dp["label"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (
-        "divprune", "divprune(keep=4)", 250.0, 500.0, 2.0)
+    assert (dp["method"], dp["label"], dp["model"], dp["speedup"]) == ("divprune", "divprune(keep=4)", "tiny", 4.0)
 
 
 def test_threads_auto_drops_to_one_on_a_busy_machine(monkeypatch):

@@ -106,7 +106,10 @@ def test_vllm_engine_runs_the_suite(vllm_env, tmp_path):  # noqa: F811
     assert base["method"] == "baseline" and pruned["method"] == "divprune" and pruned["keep"] == 64
     # 576 placeholder tokens per image become 64
     assert base["prompt_tokens_after"] - pruned["prompt_tokens_after"] == 512
+    assert pruned["ideal_ratio"] == pytest.approx(base["prompt_tokens"] / pruned["prompt_tokens_after"])
     assert pruned["ttft_ms"] > 0 and pruned["speedup"] > 0 and pruned["throughput_rps"] > 0
+    assert pruned["ttft_cpu_ms"] > 0 and pruned["throughput_cpu_speedup"] > 0 and pruned["label"] == "divprune(keep=64)"
+    assert base["speedup"] == 1.0 and base["throughput_speedup"] == 1.0
 
 
 def test_quality_subcommand_reports_retention(tmp_path, capsys):

@@ -10,25 +10,48 @@ from the root of a checkout (``-m`` puts the working directory on the path):
 
 The model is the text suite's preset saved with ``save_pretrained``
 (``python -m tokenprune.bench.suites.text --model-path``); prompts come from the same seeded
-generator, so both environments see the very same weights and token ids. Timing and fidelity
-columns are those of :mod:`tokenprune.bench.suites.text`.
+generator, so both environments see the very same weights and token ids. The ``run`` step measures with :func:`tokenprune.bench.suites.text.measure`
+(the press entered where ``tp.patch`` would be), so its rows have the text suite's columns and go
+through the same writer.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import json
+import os
 import statistics
-import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tokenprune.bench.suites.text import _Clock, build_model, cache_bytes, environment, make_prompt, write_results
+from tokenprune.bench.suites.text import build_model, make_prompt, measure
 
 RESULTS = Path(os.environ.get("TOKENPRUNE_RESULTS", Path("benchmarks") / "results"))
+
+
+@dataclass(frozen=True)
+class KvpressSnapKV:
+    """kvpress's ``SnapKVPress`` as a variant of the text suite's rows (``name``/``stage``/``to_config``)."""
+
+    keep: float
+    window: int
+    kernel: int
+    name = "kvpress-snapkv"
+    stage = "text"
+
+    def press(self) -> Any:
+        from kvpress import SnapKVPress
+
+        return SnapKVPress(compression_ratio=1 - self.keep, window_size=self.window, kernel_size=self.kernel)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"method": self.name, "compression_ratio": 1 - self.keep, "window_size": self.window,
+                "kernel_size": self.kernel}
 
 
 def kept_indices(full_keys: torch.Tensor, kept_keys: torch.Tensor) -> torch.Tensor:
@@ -47,84 +70,41 @@ def kept_indices(full_keys: torch.Tensor, kept_keys: torch.Tensor) -> torch.Tens
 
 def run_kvpress(args) -> None:
     import transformers
-    from kvpress import SnapKVPress
-    from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessorList
+    from transformers import AutoModelForCausalLM
+
+    from tokenprune.bench import report
 
     model = AutoModelForCausalLM.from_pretrained(args.model_path, attn_implementation="sdpa",
                                                  dtype=torch.float32).eval()
-    press = SnapKVPress(compression_ratio=1 - args.keep, window_size=args.window, kernel_size=args.kernel)
-    rows = []
-    for length in args.lengths:
-        runs = {"baseline": [], "kvpress-snapkv": []}
-        for rep in range(args.reps):
-            ids = make_prompt(length, model.config.vocab_size, seed=rep)
-            for label in runs:
-                cache = DynamicCache(config=model.config)
-                clock = _Clock(lambda: {"kv": cache_bytes(cache)})
-                start = time.perf_counter()
-                with torch.no_grad():
-                    if label == "baseline":
-                        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                             do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                             past_key_values=cache, logits_processor=LogitsProcessorList([clock]))
-                    else:
-                        with press(model):
-                            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                 do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                                 past_key_values=cache,
-                                                 logits_processor=LogitsProcessorList([clock]))
-                runs[label].append({
-                    "ttft_s": clock.first - start,
-                    "decode_tok_s": (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
-                    "kv_prefill_bytes": clock.after_prefill["kv"],
-                    "tokens": out.sequences[0, length:], "first_logits": out.logits[0][0].double(),
-                })
-                print(f"  L={length} rep={rep} {label}: ttft {runs[label][-1]['ttft_s']:.2f}s", flush=True)
-            if rep == 0:  # kept indices of prompt 0, for `compare`
-                with torch.no_grad():
-                    full = model(input_ids=ids, use_cache=True).past_key_values
-                    with press(model):
-                        pressed = model(input_ids=ids, use_cache=True).past_key_values
-                idx = torch.stack([kept_indices(f.keys, p.keys) for f, p in zip(full.layers, pressed.layers)])
-                torch.save({"kept": idx, "tokens": runs["kvpress-snapkv"][0]["tokens"]},
-                           Path(args.model_path) / f"kvpress_kept_L{length}.pt")
-        base = runs["baseline"]
-        for label, rs in runs.items():
-            kl, agree, seq = [], [], []
-            for r, b in zip(rs, base):
-                p, q = torch.log_softmax(b["first_logits"], -1), torch.log_softmax(r["first_logits"], -1)
-                kl.append(float((p.exp() * (p - q)).sum()))
-                agree.append(float(r["tokens"][0] == b["tokens"][0]))
-                seq.append(float((r["tokens"] == b["tokens"]).double().mean()))
-            rows.append({
-                "engine": f"kvpress {version('kvpress')}",
-                "prompt_tokens": length, "method": label,
-                "config": json.dumps({"compression_ratio": 1 - args.keep, "window_size": args.window,
-                                      "kernel_size": args.kernel}) if label != "baseline" else "{}",
-                "reps": args.reps, "new_tokens": args.new_tokens,
-                "ttft_s": statistics.median(r["ttft_s"] for r in rs),
-                "ttft_speedup": statistics.median(r["ttft_s"] for r in base) / statistics.median(r["ttft_s"] for r in rs),
-                "ttft_speedup_paired": statistics.median(b["ttft_s"] / r["ttft_s"] for r, b in zip(rs, base)),
-                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs),
-                "decode_speedup_paired": statistics.median(r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(rs, base)),
-                "decode_speedup": statistics.median(r["decode_tok_s"] for r in rs)
-                / statistics.median(r["decode_tok_s"] for r in base),
-                "kv_prefill_bytes": rs[0]["kv_prefill_bytes"], "kv_ratio": rs[0]["kv_prefill_bytes"] / base[0]["kv_prefill_bytes"],
-                "next_token_agreement": statistics.fmean(agree), "kl": statistics.median(kl),
-                "sequence_agreement": statistics.fmean(seq),
-                **environment(), "transformers": transformers.__version__,
-            })
-    for r in rows:
-        print(f"{r['prompt_tokens']:>6} {r['method']:<16} TTFT {r['ttft_s']:.2f}s ({r['ttft_speedup']:.2f}x) "
-              f"decode {r['decode_tok_s']:.2f} tok/s ({r['decode_speedup']:.2f}x) KV {r['kv_ratio']:.3f} "
-              f"seq {r['sequence_agreement']:.2f}")
-    write_results(rows, RESULTS / "kvpress_snapkv")
+    variant = KvpressSnapKV(args.keep, args.window, args.kernel)
+    press = variant.press()
+    rows = measure(model, [("baseline", None), ("kvpress-snapkv", variant)], args.lengths, args.reps, args.new_tokens,
+                   apply=lambda m, v: press(m) if v is not None else contextlib.nullcontext())
+    for length in args.lengths:  # kept indices of prompt 0, for `compare`
+        ids = make_prompt(length, model.config.vocab_size, seed=0)
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=True).past_key_values
+            with press(model):
+                pressed = model(input_ids=ids, use_cache=True).past_key_values
+                tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                        do_sample=False)[0, length:]
+        idx = torch.stack([kept_indices(f.keys, p.keys) for f, p in zip(full.layers, pressed.layers)])
+        torch.save({"kept": idx, "tokens": tokens}, Path(args.model_path) / f"kvpress_kept_L{length}.pt")
+    engine = f"kvpress {version('kvpress')}"
+    for row in rows:
+        row.update(engine=engine, mode="text", model=str(args.model_path), random_weights=True, batch_size=1,
+                   new_tokens=args.new_tokens, reps=args.reps, warmup=0)
+    meta = {**report.environment("cpu"), "kvpress": version("kvpress"), "transformers": transformers.__version__,
+            "parameters": vars(args)}
+    report.print_table(rows, meta, title=engine)
+    report.write_json(RESULTS / "kvpress_snapkv.json", meta, rows)
+    report.write_csv(RESULTS / "kvpress_snapkv.csv", meta, rows)
 
 
 def compare(args) -> None:
     import tokenprune as tp
+    from tokenprune.bench import report
 
     model = build_model("medium", args.model_path)
     out = {}
@@ -149,10 +129,10 @@ def compare(args) -> None:
                             "greedy_continuation_identical": bool(torch.equal(tokens, saved["tokens"])),
                             "continuation_tokens_equal": float((tokens == saved["tokens"]).double().mean())}
         print(length, out[str(length)])
-    (RESULTS / "kvpress_snapkv_selection.json").write_text(json.dumps({**out, **environment()}, indent=2))
+    (RESULTS / "kvpress_snapkv_selection.json").write_text(json.dumps({**out, **report.environment("cpu")}, indent=2))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["run", "compare"])
     parser.add_argument("--model-path", required=True)
@@ -162,7 +142,7 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--kernel", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     (run_kvpress if args.mode == "run" else compare)(args)
 
 

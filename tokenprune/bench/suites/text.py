@@ -1,46 +1,48 @@
 """Text-mode benchmark: long-prompt prefill / decoding with LazyLLM and SnapKV against the unpruned
 model, in Hugging Face ``generate``.
 
-For each prompt length and each repetition, every method runs once on the same prompt
-(baseline, LazyLLM, SnapKV interleaved, so machine noise hits them alike); figures are medians over
-repetitions and speed-ups are ratios of medians taken in the same run:
+Every repetition uses a new prompt (seed = repetition) on which every method runs once, in the
+rotating order of :func:`tokenprune.bench.timing.interleaved_schedule` (machine noise hits them
+alike); a :class:`~tokenprune.bench.timing.TokenClock` times each ``generate`` call and rows are
+built by :func:`tokenprune.bench.results.variant_rows`, so the columns are those of every
+``tokenprune-bench`` mode:
 
-* ``ttft_s``: time to the first generated token (``generate`` entry to the first logits);
-* ``*_paired``: median over repetitions of the per-repetition ratio (robust to load drift);
-* ``decode_tok_s``: generated tokens per second after the first one; ``total_s``: the whole
-  ``generate`` call (prefill + ``new_tokens - 1`` decoding steps);
-* ``kv_bytes``: KV cache held after prefill (``aux_bytes``: LazyLLM's aux hidden states);
+* ``ttft_ms`` (``generate`` entry to the first token), ``decode_tok_s`` (tokens per second after
+  the first), ``e2e_ms`` (the whole call): medians with quartiles; ``speedup``,
+  ``decode_speedup``, ``e2e_speedup``: ratios of medians taken in the same run, ``*_paired``: the
+  median of the per-repetition ratios (same prompt, back to back: robust to load drift);
+* ``kv_prefill_bytes``/``kv_ratio``: KV cache held after prefill, ``aux_bytes``: LazyLLM's aux
+  hidden states, ``kv_bytes_end``: KV cache at the end;
 * fidelity against the unpruned model on the same prompts: ``next_token_agreement`` (first
-  generated token identical), ``kl`` (KL(p_unpruned || p_method) of the first token's distribution,
-  nats) and ``sequence_agreement`` (fraction of the greedy continuation identical).
+  generated token identical), ``kl`` / ``kl_max`` (KL(p_unpruned || p_method) of the first token's
+  distribution, nats; median / max) and ``sequence_agreement`` (fraction of the greedy
+  continuation identical).
 
 Models are random-weight Llama shapes (no hub access): weights only decide fidelity figures,
 which therefore say how much the pruning perturbs *this* model, not task accuracy.
 
-``run_text_benchmark(...) -> list[dict]`` is the entry point; :func:`run` is the
-``tokenprune-bench --mode text`` runner over it, and
-``python -m tokenprune.bench.suites.text --preset medium`` writes JSON/CSV under
+:func:`measure` is the measurement (the kvpress side by side runs it with kvpress's press),
+:func:`run_text_benchmark` runs it on a preset, :func:`run` is the ``tokenprune-bench --mode text``
+runner, and ``python -m tokenprune.bench.suites.text --preset medium`` writes JSON/CSV under
 ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import json
+import contextlib
 import os
-import platform
 import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 
 import tokenprune as tp
 from tokenprune.bench.modes import BenchConfig
+from tokenprune.bench.results import Samples, variant_rows
 from tokenprune.bench.suites.common import SIZE_PRESETS
+from tokenprune.bench.timing import TokenClock, interleaved_schedule
 
 #: model shapes (tokenprune.fixtures.tiny_llama_config arguments) and default prompt lengths.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -87,81 +89,100 @@ def make_prompt(length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(5, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-class _Clock:
-    """A logits processor that timestamps every decoding step (it changes nothing) and runs
-    ``probe`` once, right after the prefill."""
-
-    def __init__(self, probe):
-        self.times: list[float] = []
-        self.first = 0.0
-        self.probe = probe
-        self.after_prefill: dict[str, int] = {}
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        now = time.perf_counter()
-        if not self.times:
-            self.first = now
-            self.after_prefill = self.probe()
-            now = time.perf_counter()  # decoding is timed from the end of the probe
-        self.times.append(now)
-        return scores
-
-
 def cache_bytes(cache: Any) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def run_once(model, ids: torch.Tensor, method: Optional[tp.Pruner], new_tokens: int) -> dict[str, Any]:
-    from transformers import LogitsProcessorList
+def patch_method(model: Any, method: Optional[Any]) -> ContextManager[Any]:
+    """``tp.patch(model, method)`` (its handle), or nothing for the baseline."""
+    return tp.patch(model, method) if method is not None else contextlib.nullcontext()
 
+
+def run_once(model, ids: torch.Tensor, method: Optional[Any], new_tokens: int,
+             apply: Callable[[Any, Optional[Any]], ContextManager[Any]] = patch_method) -> dict[str, Any]:
+    """One greedy ``generate`` of exactly ``new_tokens`` tokens with ``apply(model, method)`` entered
+    around it; the KV cache (and LazyLLM's aux cache) is read right after the first token, outside
+    the timing."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    handle = tp.patch(model, method) if method is not None else None
+    with apply(model, method) as handle:
+        def probe() -> dict[str, int]:
+            runtime = getattr(handle, "runtime", None)
+            aux = getattr(getattr(runtime, "state", None), "aux", {}) or {}
+            return {"kv": cache_bytes(cache), "aux": sum(a.hidden.nbytes for a in aux.values())}
 
-    def probe() -> dict[str, int]:
-        runtime = getattr(handle, "runtime", None)
-        aux = getattr(getattr(runtime, "state", None), "aux", {}) or {}
-        return {"kv": cache_bytes(cache), "aux": sum(a.hidden.nbytes for a in aux.values())}
-
-    clock = _Clock(probe)
-    try:
-        start = time.perf_counter()
+        clock = TokenClock(on_first_token=probe)
         with torch.no_grad():
+            clock.start()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                                 past_key_values=cache, return_dict_in_generate=True,
-                                 logits_processor=LogitsProcessorList([clock]))
-    finally:
-        if handle is not None:
-            handle.remove()
+                                 past_key_values=cache, return_dict_in_generate=True, streamer=clock)
+    if clock.new_tokens != new_tokens:
+        raise RuntimeError(f"generated {clock.new_tokens} tokens instead of {new_tokens}")
     return {
-        "ttft_s": clock.first - start,
-        "decode_tok_s": (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
-        "total_s": clock.times[-1] - start - (clock.times[0] - clock.first),  # without the probe
-        "kv_prefill_bytes": clock.after_prefill["kv"],
-        "aux_bytes": clock.after_prefill["aux"],
+        "ttft_s": clock.ttft_s,
+        "decode_tok_s": clock.decode_tokens_per_s(1),
+        "total_s": clock.token_times[-1],  # without the probe
+        "kv_prefill_bytes": clock.first_token_result["kv"],
+        "aux_bytes": clock.first_token_result["aux"],
         "kv_bytes_end": cache_bytes(out.past_key_values),
         "tokens": out.sequences[0, ids.shape[1]:],
         "first_logits": out.logits[0][0].double(),  # raw logits (min_new_tokens masks EOS in scores)
     }
 
 
-def environment() -> dict[str, Any]:
-    import transformers
+def _fidelity(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, float]:
+    """First-token KL and agreements of ``runs`` against the baseline's runs on the same prompts."""
+    kl, agree, seq = [], [], []
+    for r, b in zip(runs, base):
+        p = torch.log_softmax(b["first_logits"], -1)
+        q = torch.log_softmax(r["first_logits"], -1)
+        kl.append(float((p.exp() * (p - q)).sum()))
+        agree.append(float(r["tokens"][0] == b["tokens"][0]))
+        seq.append(float((r["tokens"] == b["tokens"]).double().mean()))
+    return {"next_token_agreement": statistics.fmean(agree), "kl": statistics.median(kl), "kl_max": max(kl),
+            "sequence_agreement": statistics.fmean(seq)}
 
-    return {
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenprune": tp.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+
+def measure(model, variants: Sequence[tuple[str, Optional[Any]]], lengths: Sequence[int], reps: int,
+            new_tokens: int, warmup: int = 0, apply: Callable[[Any, Optional[Any]], ContextManager[Any]] = patch_method,
+            track: Optional[Callable[..., Iterable]] = None) -> list[dict[str, Any]]:
+    """Rows of :func:`~tokenprune.bench.results.variant_rows` for ``variants`` (``[(label, method)]``,
+    the unpruned baseline ``(label, None)`` first) on prompts of each of ``lengths`` tokens.
+
+    ``apply(model, method)`` is the context manager a variant runs in (default ``tp.patch``);
+    ``track`` wraps the schedule (a progress bar).
+    """
+    if not variants or variants[0][1] is not None:
+        raise ValueError("the first variant must be the unpruned baseline: ('baseline', None)")
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 (decode speed needs two steps), got {new_tokens}")
+    track = track or (lambda iterable, description="": iterable)
+    device = next(model.parameters()).device
+    methods = dict(variants)
+    base_label = variants[0][0]
+    rows = []
+    for length in lengths:
+        samples = Samples()
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
+        for item in track(interleaved_schedule(list(methods), reps, warmup), f"{length} tokens"):
+            ids = make_prompt(length, model.config.vocab_size, seed=item.rep).to(device)
+            r = run_once(model, ids, methods[item.variant], new_tokens, apply)
+            if item.warmup:
+                continue
+            samples.add(item.variant, item.rep, ttft_ms=r["ttft_s"] * 1e3, decode_tok_s=r["decode_tok_s"],
+                        e2e_ms=r["total_s"] * 1e3)
+            runs[item.variant].append(r)  # in repetition order: the schedule runs repetitions in turn
+        base = runs[base_label]
+        per_variant = {
+            label: {"kv_prefill_bytes": rs[0]["kv_prefill_bytes"],
+                    "kv_ratio": rs[0]["kv_prefill_bytes"] / base[0]["kv_prefill_bytes"],
+                    "kv_bytes_end": rs[0]["kv_bytes_end"], "aux_bytes": rs[0]["aux_bytes"], **_fidelity(rs, base)}
+            for label, rs in runs.items()
+        }
+        rows += variant_rows(samples, variants, per_variant, common={"prompt_tokens": length})
+    return rows
 
 
 def run_text_benchmark(
@@ -172,68 +193,26 @@ def run_text_benchmark(
     new_tokens: Optional[int] = None,
     model_path: Optional[str | os.PathLike] = None,
     model: Any = None,
-    progress: bool = True,
+    warmup: int = 0,
+    track: Optional[Callable[..., Iterable]] = None,
 ) -> list[dict[str, Any]]:
     """Benchmark ``methods`` (``[(label, method or None for the unpruned baseline), ...]``, the
-    first entry is the reference) on prompts of ``lengths`` tokens. Each repetition uses a new
-    prompt (seed = repetition) and runs every method on it in turn. Returns one row per
-    (length, method) with medians, ratios against the first method and fidelity figures."""
+    first entry is the reference; default :func:`default_methods`) on prompts of ``lengths`` tokens
+    (default: the preset's) with :func:`measure`. Returns one row per (length, method)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     methods = list(methods) if methods is not None else default_methods()
-    if not methods or methods[0][1] is not None:
-        raise ValueError("the first method must be the unpruned baseline: ('baseline', None)")
     lengths = tuple(lengths or PRESETS[preset]["lengths"])
     new_tokens = new_tokens or PRESETS[preset]["new_tokens"]
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be >= 2 (decode speed needs two steps), got {new_tokens}")
     model = model if model is not None else build_model(preset, model_path)
-    env = environment()
-    rows = []
-    for length in lengths:
-        runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in methods}
-        for rep in range(reps):
-            ids = make_prompt(length, model.config.vocab_size, seed=rep)
-            for label, method in methods:
-                runs[label].append(run_once(model, ids, method, new_tokens))
-                if progress:
-                    print(f"  L={length} rep={rep} {label}: ttft {runs[label][-1]['ttft_s']:.2f}s", flush=True)
-        base = runs[methods[0][0]]
-        base_ttft = statistics.median(r["ttft_s"] for r in base)
-        base_decode = statistics.median(r["decode_tok_s"] for r in base)
-        for label, method in methods:
-            rs = runs[label]
-            kl, agree, seq = [], [], []
-            for r, b in zip(rs, base):
-                p = torch.log_softmax(b["first_logits"], -1)
-                q = torch.log_softmax(r["first_logits"], -1)
-                kl.append(float((p.exp() * (p - q)).sum()))
-                agree.append(float(r["tokens"][0] == b["tokens"][0]))
-                seq.append(float((r["tokens"] == b["tokens"]).double().mean()))
-            ttft = statistics.median(r["ttft_s"] for r in rs)
-            decode = statistics.median(r["decode_tok_s"] for r in rs)
-            total = statistics.median(r["total_s"] for r in rs)
-            rows.append({
-                "preset": preset, "prompt_tokens": length, "method": label,
-                "config": json.dumps(method.to_config()) if method is not None else "{}",
-                "reps": reps, "new_tokens": new_tokens,
-                "ttft_s": ttft, "ttft_speedup": base_ttft / ttft,
-                # per-repetition ratios (same prompt, back to back) are robust to load drifting
-                # between repetitions on a shared machine
-                "ttft_speedup_paired": statistics.median(b["ttft_s"] / r["ttft_s"] for r, b in zip(rs, base)),
-                "decode_tok_s": decode, "decode_speedup": decode / base_decode,
-                "total_s": total, "total_speedup": statistics.median(r["total_s"] for r in base) / total,
-                "decode_speedup_paired": statistics.median(r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(rs, base)),
-                "kv_prefill_bytes": rs[0]["kv_prefill_bytes"],
-                "kv_ratio": rs[0]["kv_prefill_bytes"] / base[0]["kv_prefill_bytes"],
-                "kv_bytes_end": rs[0]["kv_bytes_end"], "aux_bytes": rs[0]["aux_bytes"],
-                "next_token_agreement": statistics.fmean(agree), "kl": statistics.median(kl),
-                "kl_max": max(kl), "sequence_agreement": statistics.fmean(seq),
-                **env,
-            })
-    return rows
+    rows = measure(model, methods, lengths, reps, new_tokens, warmup, track=track)
+    common = {"model": preset if model_path is None else str(model_path), "engine": "hf", "mode": "text",
+              "random_weights": True, "num_parameters": sum(p.numel() for p in model.parameters()),
+              "device": str(next(model.parameters()).device), "dtype": str(model.dtype).removeprefix("torch."),
+              "batch_size": 1, "new_tokens": new_tokens, "reps": reps, "warmup": warmup}
+    return [{**row, **common} for row in rows]
 
 
 def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:
@@ -260,49 +239,24 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
                              f"checkpoint directory; {config.model} is a vision-language preset")
         kwargs["model"] = load_model(config.model, resolve_device(config.device), config.dtype, None,
                                      config.seed).model
-    raw = run_text_benchmark(lengths=[config.prompt_tokens] if config.prompt_tokens else None,
-                             methods=[("baseline", None), *config.methods], reps=config.reps,
-                             new_tokens=config.new_tokens, progress=False, **kwargs)
-    methods = dict([("baseline", None), *config.methods])
-    rows = []
-    for r in raw:
-        method = methods.get(r["method"])
-        params = method.to_config() if method is not None else json.loads(r.get("config") or "{}")
-        rows.append({**r, "label": r["method"], "method": method.name if method is not None else "baseline",
-                     "keep": getattr(method, "keep", None), "params": params,
-                     "model": kwargs.get("preset", config.model), "random_weights": "model_path" not in kwargs,
-                     "warmup": 0,  # the suite times every run it makes
-                     "engine": "hf", "mode": "text", "ttft_ms": r["ttft_s"] * 1e3,
-                     "ttft_ms_baseline": r["ttft_s"] * r["ttft_speedup"] * 1e3, "speedup": r["ttft_speedup"],
-                     "batch_size": 1})
+    rows = run_text_benchmark(lengths=[config.prompt_tokens] if config.prompt_tokens else None,
+                              methods=[("baseline", None), *config.methods], reps=config.reps,
+                              new_tokens=config.new_tokens, warmup=config.warmup, track=track, **kwargs)
+    for row in rows:
+        row.update(model=kwargs.get("preset", config.model), random_weights="model_path" not in kwargs)
     return rows
 
 
-def write_results(rows: list[dict[str, Any]], stem: str | os.PathLike) -> None:
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'L':>6} {'method':<15} {'TTFT s':>8} {'TTFT x':>7} {'dec tok/s':>9} {'dec x':>6} {'total x':>7} {'KV ratio':>8} " \
-           f"{'agree':>6} {'KL':>8} {'seq':>5}"
-    print(head)
-    for r in rows:
-        print(f"{r['prompt_tokens']:>6} {r['method']:<15} {r['ttft_s']:>8.2f} {r['ttft_speedup']:>7.2f} "
-              f"{r['decode_tok_s']:>9.2f} {r['decode_speedup']:>6.2f} {r['total_speedup']:>7.2f} {r['kv_ratio']:>8.3f} "
-              f"{r['next_token_agreement']:>6.2f} {r['kl']:>8.4f} {r['sequence_agreement']:>5.2f}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from tqdm.auto import tqdm
+
+    from tokenprune.bench import report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="medium", choices=sorted(PRESETS))
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=0, help="discarded rounds of every method (default 0)")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--model-path", help="save/load the preset model here (shared with the kvpress run)")
@@ -311,11 +265,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_text_benchmark(args.preset, args.lengths, reps=args.reps, new_tokens=args.new_tokens,
-                              model_path=args.model_path)
-    print_table(rows)
-    out = args.out or Path("benchmarks") / "results" / f"text_{args.preset}"
-    write_results(rows, out)
-    print(f"wrote {Path(out).with_suffix('.json')} and .csv")
+                              model_path=args.model_path, warmup=args.warmup,
+                              track=lambda it, description="": tqdm(it, desc=description, leave=False))
+    for row in rows:  # a saved --model-path is still the preset's random model
+        row["model"] = args.preset
+    meta = {**report.environment(rows[0]["device"]), "parameters": vars(args)}
+    report.print_table(rows, meta, title=f"text suite: {args.preset}")
+    out = Path(args.out or Path("benchmarks") / "results" / f"text_{args.preset}")
+    report.write_json(out.with_suffix(".json"), meta, rows)
+    report.write_csv(out.with_suffix(".csv"), meta, rows)
+    print(f"wrote {out.with_suffix('.json')} and .csv")
 
 
 if __name__ == "__main__":

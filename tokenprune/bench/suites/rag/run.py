@@ -337,9 +337,10 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
         "new_tokens": 1, "reps": config.reps, "warmup": config.warmup})
     for row in rows:  # e2e here = pruning + prefill: the TTFT a user of the pruned prompt sees
         row["ttft_with_pruning_ms"] = row.pop("e2e_ms")
-        row["speedup_with_pruning"] = row.pop("e2e_speedup", 1.0 if row["method"] == "baseline" else None)
-        for key in [k for k in row if k.startswith("e2e_ms")]:
-            row.pop(key)
+        for key in [k for k in row if k.startswith("e2e_")]:
+            value = row.pop(key)
+            if key.startswith("e2e_speedup"):
+                row[key.replace("e2e_speedup", "speedup_with_pruning")] = value
     return rows
 
 

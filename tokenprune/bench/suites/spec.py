@@ -9,9 +9,12 @@ cached; and a smaller one as the draft model) on a synthetic corpus with the two
 * *prose*: samples of a sparse random Markov chain (each token has three likely successors), so
   the next token is predictable only from local statistics.
 
-For each decoding mode (greedy, sampling), prompt kind, source and budget it reports the target forwards per generated token, the
-tokens per target forward, the wall-clock speedup over ``model.generate(do_sample=False)``
-(baseline and method interleaved, medians over repetitions) and whether the output was identical.
+For each decoding mode (greedy, sampling), prompt kind, source and budget it reports the target
+forwards per generated token, the tokens per target forward, the wall-clock time of the whole
+``generate`` call (``e2e_ms``) and its speedup over plain ``model.generate`` (``e2e_speedup``, and
+``e2e_speedup_paired``: the median of per-run ratios; baseline and methods interleaved by
+:func:`tokenprune.bench.timing.interleaved_schedule`, rows from
+:func:`tokenprune.bench.results.variant_rows`) and whether the output was identical.
 Transformers' own prompt-lookup decoding (``prompt_lookup_num_tokens``) runs on the same prompts.
 
 :func:`run` is the ``tokenprune-bench --mode spec`` runner; the full study (both decoding modes,
@@ -24,21 +27,19 @@ every configuration of :data:`DEFAULT_CONFIGS`) writes a CSV::
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
-import platform
-import statistics
-import time
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
 from tokenprune.bench.modes import BenchConfig
+from tokenprune.bench.results import Samples, variant_rows
 from tokenprune.bench.suites.common import SIZE_PRESETS, check_config
+from tokenprune.bench.timing import Stopwatch, interleaved_schedule
 
 __all__ = ["run", "run_spec_benchmark", "train_copy_lm", "make_prompts", "DEFAULT_CONFIGS", "PRESETS"]
 
@@ -132,33 +133,54 @@ def _count_forwards(model) -> tuple[list[int], Any]:
     return counter, handle
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What a row measured, as :func:`~tokenprune.bench.results.variant_rows` names it: a DraftTree
+    configuration or transformers' prompt lookup (``config`` is the row's ``params``)."""
+
+    name: str
+    config: dict = field(default_factory=dict)
+    stage: str = "speculative"
+    keep = None
+
+    def to_config(self) -> dict[str, Any]:
+        return {"method": self.name, **self.config}
+
+
 def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]]] = None, max_new_tokens: int = 64,
                        n_per_kind: int = 3, repeats: int = 3, cache_dir: Optional[str] = None, threads: int = 1,
                        modes: Sequence[str] = ("greedy", "sample"), preset: str = "tiny",
-                       verbose: bool = True) -> list[dict]:
-    """Run the benchmark; one row per (prompt kind, configuration), plus the greedy baseline rows.
+                       verbose: bool = True, track: Optional[Callable[..., Iterable]] = None) -> list[dict]:
+    """Run the benchmark; one row per (decoding mode, prompt kind, variant), the greedy baseline first.
 
     Args:
         model: an HF causal LM (default: the trained benchmark Llama of ``preset``, cached in ``cache_dir``).
         configs: ``(label, DraftTree kwargs | "prompt_lookup")`` pairs (default :data:`DEFAULT_CONFIGS`).
         max_new_tokens: tokens generated per prompt.
         n_per_kind: prompts per kind (repeat, code, prose).
-        repeats: timed repetitions (interleaved with the baseline); medians are reported.
+        repeats: timed repetitions per prompt (every variant once per repetition, rotating order).
         threads: torch intra-op threads while timing (1 on a shared machine).
         preset: ``"tiny"`` (64 wide, 2 layers) or ``"medium"`` (128 wide, 4 layers) trained target.
         modes: ``"greedy"`` (output must be identical) and/or ``"sample"`` (the generation config's
             default sampling; same seeds for every configuration).
+        verbose: training progress of the cached models.
+        track: wraps each schedule (a progress bar).
+
+    Returns:
+        :func:`~tokenprune.bench.results.variant_rows` rows (``e2e_ms``, ``e2e_speedup``...) with
+        ``decoding``, ``prompt_kind``, ``source``, ``budget``, ``forwards_per_token``,
+        ``tokens_per_forward`` (first repetition of every prompt) and ``identical`` (greedy output
+        equal to the baseline's; None when sampling).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     for mode in modes:
         if mode not in ("greedy", "sample"):
             raise ValueError(f"modes must be among 'greedy', 'sample', got {mode!r}")
-    import transformers
-
     import tokenprune as tp
     from tokenprune.integrations.hf.speculative import tree_generate
 
+    track = track or (lambda iterable, description="": iterable)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     hook = None
@@ -175,79 +197,63 @@ def run_spec_benchmark(model=None, *, configs: Optional[Sequence[tuple[str, Any]
         corpus = {kind: [p[0].tolist() for p in make_prompts(n_per_kind, length=SEQ, seed=999)[kind]]
                   for kind in prompts}
         counter, hook = _count_forwards(model)
-        meta = dict(machine=platform.node(), cpu=platform.processor() or platform.machine(), threads=threads,
-                    torch=torch.__version__, transformers=transformers.__version__,
-                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    model=f"llama h{model.config.hidden_size} l{model.config.num_hidden_layers} v{model.config.vocab_size}",
-                    max_new_tokens=max_new_tokens)
-
-        def timed(fn) -> tuple[float, torch.Tensor, int]:
-            counter[0] = 0
-            start = time.perf_counter()
-            out = fn()
-            return time.perf_counter() - start, out, counter[0]
+        variants: list[tuple[str, Optional[Variant]]] = [("baseline", None)]
+        for label, cfg in configs:
+            variants.append((label, Variant("prompt_lookup", {"prompt_lookup_num_tokens": 10})
+                             if cfg == "prompt_lookup" else Variant("draft_tree", dict(cfg))))
+        common = dict(engine="hf", mode="spec", device="cpu", dtype=str(model.dtype).removeprefix("torch."),
+                      model=f"llama h{model.config.hidden_size} l{model.config.num_hidden_layers} "
+                            f"v{model.config.vocab_size}",
+                      random_weights=False, batch_size=1, new_tokens=max_new_tokens, reps=repeats, warmup=1,
+                      prompts_per_kind=n_per_kind, threads=threads)
 
         rows = []
         for mode in modes:
             sample = mode == "sample"
             for kind, kind_prompts in prompts.items():
-                methods = {}
+                generate_kwargs: dict[str, dict[str, Any]] = {"baseline": {}}
                 for label, cfg in configs:
                     if cfg == "prompt_lookup":
-                        methods[label] = None
-                    else:
-                        cfg = dict(cfg)
-                        if "retrieval" in cfg.get("sources", ()):
-                            cfg["corpus"] = tuple(corpus[kind])
-                        if cfg.get("draft_model") == BENCH_DRAFT:
-                            cfg["draft_model"] = draft
-                        methods[label] = tp.DraftTree(**cfg)
-                base_fwd, base_new = 0, 0
-                per = {label: dict(times=[], forwards=0, new=0, exact=True) for label, _ in configs}
+                        generate_kwargs[label] = dict(prompt_lookup_num_tokens=10)
+                        continue
+                    cfg = dict(cfg)
+                    if "retrieval" in cfg.get("sources", ()):
+                        cfg["corpus"] = tuple(corpus[kind])
+                    if cfg.get("draft_model") == BENCH_DRAFT:
+                        cfg["draft_model"] = draft
+                    generate_kwargs[label] = dict(custom_generate=tree_generate, draft_tree=tp.DraftTree(**cfg))
+                samples = Samples()
+                first = {label: dict(forwards=0, new=0, exact=True) for label in generate_kwargs}
                 for i, ids in enumerate(kind_prompts):
-                    def run(extra: dict, seed: int = 0, ids=ids) -> torch.Tensor:
+                    def run_generate(extra: dict, seed: int = 0, ids=ids) -> torch.Tensor:
                         torch.manual_seed(seed)  # sampling: same seeds for every configuration
                         return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, **extra)
 
-                    ref = run({})
-                    for method in methods.values():  # warm-up: latency model, recycling table
-                        if method is not None:
-                            model.generate(ids, max_new_tokens=8, do_sample=False, custom_generate=tree_generate,
-                                           draft_tree=method)
-                    for r in range(repeats):
-                        t, out, f = timed(lambda: run({}, r))
-                        if r == 0:
-                            base_fwd += f
-                            base_new += out.shape[1] - ids.shape[1]
-                        for label, method in methods.items():
-                            extra = (dict(prompt_lookup_num_tokens=10) if method is None
-                                     else dict(custom_generate=tree_generate, draft_tree=method))
-                            t_m, out_m, f_m = timed(lambda: run(extra, r))
-                            p = per[label]
-                            p["times"].append(t_m / t)  # ratio to the interleaved baseline run
-                            if r == 0:
-                                p["forwards"] += f_m
-                                p["new"] += out_m.shape[1] - ids.shape[1]
-                                p["exact"] &= torch.equal(out_m, ref)
-                common = dict(meta, mode=mode, prompt_kind=kind)
-                rows.append(dict(common, config=mode, source="none", budget="",
-                                 forwards_per_token=base_fwd / base_new, tokens_per_forward=base_new / base_fwd,
-                                 speedup=1.0, identical=True if not sample else ""))
-                for label, cfg in configs:
-                    p = per[label]
-                    rows.append(dict(
-                        common, config=label,
-                        source="prompt_lookup(hf)" if cfg == "prompt_lookup" else "+".join(cfg["sources"]),
-                        budget=10 if cfg == "prompt_lookup" else cfg["budget"],
-                        forwards_per_token=p["forwards"] / p["new"], tokens_per_forward=p["new"] / p["forwards"],
-                        speedup=1.0 / statistics.median(p["times"]),
+                    ref = run_generate({})  # the reference output; also the baseline's warm-up
+                    for extra in generate_kwargs.values():  # warm-up: latency model, recycling table
+                        if "draft_tree" in extra:
+                            model.generate(ids, max_new_tokens=8, do_sample=False, **extra)
+                    for item in track(interleaved_schedule(list(generate_kwargs), repeats, 0), f"{mode} {kind}"):
+                        counter[0] = 0
+                        with Stopwatch() as watch:
+                            out = run_generate(generate_kwargs[item.variant], item.rep)
+                        samples.add(item.variant, i * repeats + item.rep, e2e_ms=watch.wall_s * 1e3)
+                        if item.rep == 0:
+                            f = first[item.variant]
+                            f["forwards"] += counter[0]
+                            f["new"] += out.shape[1] - ids.shape[1]
+                            f["exact"] &= torch.equal(out, ref)
+                per_variant = {}
+                for label, cfg in [("baseline", None), *configs]:
+                    f = first[label]
+                    per_variant[label] = dict(
+                        source="none" if cfg is None else "prompt_lookup(hf)" if cfg == "prompt_lookup"
+                        else "+".join(cfg["sources"]),
+                        budget=None if cfg is None else 10 if cfg == "prompt_lookup" else cfg["budget"],
+                        forwards_per_token=f["forwards"] / f["new"], tokens_per_forward=f["new"] / f["forwards"],
                         # sampled outputs differ draw by draw (same law); exactness is a greedy property
-                        identical=p["exact"] if not sample else ""))
-                    if verbose:
-                        row = rows[-1]
-                        print(f"{mode:6s} {kind:7s} {label:22s} fwd/tok {row['forwards_per_token']:.3f} "
-                              f"tok/fwd {row['tokens_per_forward']:.2f} speedup {row['speedup']:.2f}x "
-                              f"identical {row['identical']}", flush=True)
+                        identical=None if sample else f["exact"])
+                rows += variant_rows(samples, variants, per_variant, dict(common, decoding=mode, prompt_kind=kind))
         return rows
     finally:
         if hook is not None:
@@ -262,9 +268,9 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
     Calls :func:`run_spec_benchmark` (greedy decoding) with each ``draft_tree`` method of
     ``--methods`` plus transformers' ``prompt_lookup_num_tokens=10``.
     One row per (prompt kind, variant): ``tokens_per_forward`` (tokens generated per target
-    forward: accepted drafts + the bonus token), ``forwards_per_token``, ``speedup`` (wall clock
-    of the whole ``generate`` call over the interleaved greedy baseline, median of ``--reps``) and
-    ``identical`` (greedy output equal to the baseline's).
+    forward: accepted drafts + the bonus token), ``forwards_per_token``, ``e2e_speedup`` (wall clock
+    of the whole ``generate`` call against the interleaved greedy baseline; medians over
+    ``--samples`` prompts x ``--reps``) and ``identical`` (greedy output equal to the baseline's).
 
     ``--model``: ``tiny``/``medium`` (``tiny-llava``/``medium-llava`` map to them), the suite's
     trained Llamas (trained once, a few minutes, cached in ``~/.cache/tokenprune``), or a local
@@ -287,48 +293,34 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
         cfg = method.to_config()
         cfg.pop("method")
         configs.append((label, cfg))
-    n_per_kind = config.extra.get("samples") or 2
-    raw = run_spec_benchmark(configs=configs, max_new_tokens=config.new_tokens, n_per_kind=n_per_kind,
-                             repeats=config.reps, threads=torch.get_num_threads(), modes=("greedy",),
-                             verbose=False, **kwargs)
-    methods = dict(config.methods)
-    rows = []
-    for r in raw:
-        label = "baseline" if r["source"] == "none" else r["config"]
-        method = methods.get(label)
-        if method is not None:
-            name, stage, params = method.name, method.stage, method.to_config()
-        elif label == "baseline":
-            name, stage, params = "baseline", None, {}
-        else:
-            name, stage, params = "prompt_lookup", "speculative", {"prompt_lookup_num_tokens": 10}
-        suite = {k: v for k, v in r.items() if k not in ("mode", "config", "max_new_tokens")}
-        rows.append({"method": name, "label": label, "keep": None, "stage": stage, "params": params, **suite,
-                     "decoding": r["mode"], "engine": "hf", "mode": "spec", "device": "cpu", "dtype": "float32",
-                     "batch_size": 1, "new_tokens": config.new_tokens, "reps": config.reps, "warmup": 1,
-                     "prompts_per_kind": n_per_kind, "random_weights": False})
-    return rows
+    return run_spec_benchmark(configs=configs, max_new_tokens=config.new_tokens,
+                              n_per_kind=config.extra.get("samples") or 2, repeats=config.reps,
+                              threads=torch.get_num_threads(), modes=("greedy",), verbose=False, track=track,
+                              **kwargs)
 
 
 def markdown(rows: list) -> str:
-    """Pivot table: one line per configuration, 'tokens per forward / speedup' per mode and prompt kind."""
-    columns = sorted({(r["mode"], r["prompt_kind"]) for r in rows}, key=lambda c: (c[0] != "greedy", c[1]))
-    configs = list(dict.fromkeys(r["config"] if r["source"] != "none" else "baseline" for r in rows))
-    cell = {((r["config"] if r["source"] != "none" else "baseline"), r["mode"], r["prompt_kind"]): r for r in rows}
+    """Pivot table: one line per variant, 'tokens per forward / speedup' per decoding mode and prompt kind."""
+    columns = sorted({(r["decoding"], r["prompt_kind"]) for r in rows}, key=lambda c: (c[0] != "greedy", c[1]))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cell = {(r["label"], r["decoding"], r["prompt_kind"]): r for r in rows}
     lines = ["| config | " + " | ".join(f"{m} {k}" for m, k in columns) + " |",
              "|---|" + "---|" * len(columns)]
-    for config in configs:
+    for label in labels:
         values = []
         for m, k in columns:
-            r = cell.get((config, m, k))
-            values.append("" if r is None else f"{float(r['tokens_per_forward']):.2f} / {float(r['speedup']):.2f}x")
-        lines.append(f"| {config} | " + " | ".join(values) + " |")
+            r = cell.get((label, m, k))
+            values.append("" if r is None else f"{r['tokens_per_forward']:.2f} / {r['e2e_speedup']:.2f}x")
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from tokenprune.bench import report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/spec_tree_cpu.csv")
+    parser.add_argument("--out", default="benchmarks/results/spec_tree_cpu.csv", help="CSV of the rows")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens per prompt")
     parser.add_argument("--prompts", type=int, default=3, help="prompts per kind")
     parser.add_argument("--repeats", type=int, default=3)
@@ -346,11 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             parser.error(f"--configs must be among {[c[0] for c in DEFAULT_CONFIGS]}")
     rows = run_spec_benchmark(max_new_tokens=args.tokens, n_per_kind=args.prompts, repeats=args.repeats,
                               cache_dir=args.cache_dir, threads=args.threads, preset=args.preset, configs=configs)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    meta = {**report.environment("cpu"), "parameters": vars(args)}
+    report.write_csv(args.out, meta, rows)
+    if args.json:
+        report.write_json(args.json, meta, rows)
     print(f"wrote {len(rows)} rows to {args.out}")
     print(markdown(rows))
 

@@ -227,12 +227,9 @@ def _track(quiet: bool) -> Callable[..., Iterable]:
 
 
 def _console(quiet: bool):
-    from rich.console import Console
+    from tokenprune.bench import report
 
-    console = Console(quiet=quiet)
-    if not console.is_terminal:  # logs and pipes: wide enough that no column is truncated
-        console = Console(quiet=quiet, width=max(console.width, 180))
-    return console
+    return report.wide_console(quiet)
 
 
 def _emit(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:

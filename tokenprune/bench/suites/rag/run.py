@@ -17,15 +17,10 @@ load (recorded), ratios less so.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import json
 import os
-import platform
 import random
 import statistics
 import tempfile
-import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -33,8 +28,10 @@ from tqdm import tqdm
 
 import tokenprune as tp
 from tokenprune.bench.modes import BenchConfig
+from tokenprune.bench.results import Samples, variant_rows
 from tokenprune.bench.suites.common import SIZE_PRESETS, check_config
 from tokenprune.bench.suites.rag.dataset import make_split
+from tokenprune.bench.timing import Stopwatch, interleaved_schedule, summarize
 from tokenprune.methods.context import (
     BiEncoderScorer,
     CrossEncoderScorer,
@@ -106,26 +103,6 @@ def evaluate(pruner, examples, tokenizer):
     }
 
 
-def machine_info():
-    import sentence_transformers
-    import transformers
-
-    return {
-        "machine": platform.node(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "tokenprune": tp.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def quality(args, bi, examples_dev, examples_test):
     tok = bi.tokenizer
     raw = {"dev": score_once(bi, examples_dev), "test": score_once(bi, examples_test)}
@@ -134,7 +111,9 @@ def quality(args, bi, examples_dev, examples_test):
 
     def run(split, label, seed=None, passage_exponent=2.0, **kw):
         fixed = FixedScorer(raw[split], tok, passage_exponent=passage_exponent, seed=seed)
-        row = {"split": split, "scorer": label, **kw, **evaluate(tp.ContextPruner(scorer=fixed, **kw), splits[split], tok)}
+        setting = ",".join(f"{k}={v}" for k, v in kw.items())
+        row = {"method": "context", "label": f"{label} {setting} ({split})", "mode": "rag", "split": split,
+               "scorer": label, **kw, **evaluate(tp.ContextPruner(scorer=fixed, **kw), splits[split], tok)}
         rows.append(row)
         return row
 
@@ -154,6 +133,9 @@ def quality(args, bi, examples_dev, examples_test):
 
 
 def latency(args, bi, examples, tmp):
+    """Pruning milliseconds per passage of each scorer, one question per call, the scorers interleaved
+    question by question (:func:`~tokenprune.bench.timing.interleaved_schedule`, one round per
+    question), and of the bi-encoder with every question in one call."""
     scorers = {"bi-encoder (MiniLM-L6)": bi}
     if not args.skip_random_models:
         from tokenprune.bench.suites.rag.models import build_cross_encoder, build_provence
@@ -161,21 +143,22 @@ def latency(args, bi, examples, tmp):
         scorers["cross-encoder (MiniLM-L6 shape, random)"] = CrossEncoderScorer(model=build_cross_encoder(os.path.join(tmp, "ce")))
         scorers["provence (DeBERTa-v3-large shape, random)"] = ProvenceScorer(model=build_provence(os.path.join(tmp, "prov")))
     pruners = {k: tp.ContextPruner(scorer=s) for k, s in scorers.items()}
-    for p in pruners.values():  # warm up (model load, first-call allocations)
-        p.prune(examples[0].question, examples[0].passages)
-    times = {k: [] for k in pruners}
-    for e in tqdm(examples, desc="latency", leave=False):
-        for k, p in pruners.items():  # interleaved: every scorer sees the same load pattern
-            t0 = time.perf_counter()
-            p.prune(e.question, e.passages)
-            times[k].append((time.perf_counter() - t0) / len(e.passages))
-    out = [{"scorer": k, "mode": "one question per call", "median_ms_per_passage": 1e3 * statistics.median(v),
-            "p90_ms_per_passage": 1e3 * sorted(v)[int(0.9 * (len(v) - 1))], "calls": len(v)} for k, v in times.items()]
-    t0 = time.perf_counter()
-    pruners["bi-encoder (MiniLM-L6)"].prune([e.question for e in examples], [e.passages for e in examples])
+    times: dict[str, list[float]] = {k: [] for k in pruners}
+    for item in tqdm(interleaved_schedule(list(pruners), len(examples), warmup=1), desc="latency", leave=False):
+        e = examples[item.rep]  # warm-up round: model load, first-call allocations
+        with Stopwatch() as watch:
+            pruners[item.variant].prune(e.question, e.passages)
+        if not item.warmup:
+            times[item.variant].append(1e3 * watch.wall_s / len(e.passages))
+    common = {"method": "context", "mode": "rag", "device": "cpu"}
+    out = [{**common, "label": k, "scorer": k, "batching": "one question per call",
+            **summarize(v).as_dict("prune_ms_per_passage"), "calls": len(v)} for k, v in times.items()]
+    with Stopwatch() as watch:
+        pruners["bi-encoder (MiniLM-L6)"].prune([e.question for e in examples], [e.passages for e in examples])
     n = sum(len(e.passages) for e in examples)
-    out.append({"scorer": "bi-encoder (MiniLM-L6)", "mode": f"{len(examples)} questions in one call",
-                "median_ms_per_passage": 1e3 * (time.perf_counter() - t0) / n, "calls": 1})
+    out.append({**common, "label": "bi-encoder (MiniLM-L6), batched", "scorer": "bi-encoder (MiniLM-L6)",
+                "batching": f"{len(examples)} questions in one call", "prune_ms_per_passage": 1e3 * watch.wall_s / n,
+                "calls": 1})
     return out
 
 
@@ -186,61 +169,17 @@ DOC_TEMPLATE = (
 )
 
 
-def ttft(args, bi, examples, tmp):
-    """Prefill time of a random Llama (hidden 512, 8 layers) on full vs pruned RAG prompts."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tokenprune.methods.context.scorers.bi_encoder import default_model_path
-
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    tok.chat_template = DOC_TEMPLATE
-    torch.manual_seed(0)
-    tok.model_max_length = 4096  # the generator's window, not MiniLM's
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096, pad_token_id=0,
-    )).eval()
-    pruner = tp.ContextPruner(scorer=bi)
-    full, pruned, prune_s, n_full, n_pruned = [], [], [], [], []
-    for e in tqdm(examples, desc="ttft", leave=False):
-        messages = [{"role": "user", "content": e.question}]
-        ids_full = tok.apply_chat_template(messages, documents=e.passages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        # Each timing is the best of `reps` interleaved repetitions: on a shared CPU the minimum is
-        # the estimate least disturbed by other jobs.
-        t_prune, t_full, t_pruned = [], [], []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            with tp.patch(tok, pruner):
-                ids_pruned = tok.apply_chat_template(messages, documents=e.passages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            t_prune.append(time.perf_counter() - t0)
-            for ids, acc in ((ids_full, t_full), (ids_pruned, t_pruned)):
-                ids.pop("token_type_ids", None)  # BERT-style tokenizer output; a Llama takes none
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    model.generate(**ids, max_new_tokens=1, do_sample=False)
-                acc.append(time.perf_counter() - t0)
-        prune_s.append(min(t_prune))
-        full.append(min(t_full))
-        pruned.append(min(t_pruned))
-        n_full.append(ids_full["input_ids"].shape[1])
-        n_pruned.append(ids_pruned["input_ids"].shape[1])
-    med = statistics.median
-    return {
-        "generator": "random LlamaForCausalLM hidden 512, 8 layers, 8 heads (CPU)",
-        "questions": len(examples),
-        "timing": f"per question the best of {args.reps} interleaved repetitions, then the median over questions",
-        "median_prompt_tokens_full": med(n_full),
-        "median_prompt_tokens_pruned": med(n_pruned),
-        "median_ttft_full_ms": 1e3 * med(full),
-        "median_ttft_pruned_ms": 1e3 * med(pruned),
-        "median_pruning_ms": 1e3 * med(prune_s),
-        "ttft_speedup_prefill_only": med(full) / med(pruned),
-        "ttft_speedup_including_pruning": med(full) / med([a + b for a, b in zip(pruned, prune_s)]),
-    }
+def ttft(args, track=None) -> list[dict]:
+    """TTFT of the "medium" random Llama generator (hidden 512, 8 layers) on full vs pruned prompts of
+    the first ``--n-ttft`` test questions: :func:`run`, the ``tokenprune-bench --mode rag`` runner,
+    with the default ``ContextPruner``."""
+    config = BenchConfig(model="medium", mode="rag", methods=[("context", tp.ContextPruner())], reps=args.reps,
+                         warmup=1, extra={"samples": args.n_ttft})
+    return run(config, track or (lambda iterable, description="": iterable))
 
 
-# the CLI runner's generator (TTFT): a random Llama with the bi-encoder's tokenizer; "medium" is the
-# one of :func:`ttft`.
+# the TTFT generator of :func:`run`: a random Llama with the bi-encoder's tokenizer (the study's
+# :func:`ttft` uses "medium").
 RAG_GENERATORS = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4),
                   "medium": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8)}
 
@@ -253,15 +192,13 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
     (``gold_sentence_recall``; ``answer_recall``), compression (``token_compression``,
     ``char_compression``), pruning latency per passage (``prune_ms_per_passage``, median over
     questions of the best of ``--reps`` interleaved calls), and the TTFT of a random Llama
-    generator (``--model tiny``: 2x128, ``medium``: 8x512 as in :func:`ttft`)
+    generator (``--model tiny``: 2x128, ``medium``: 8x512, the study's :func:`ttft`)
     prompted with all passages vs the pruned ones: ``ttft_ms`` (prefill + first token),
     ``ttft_with_pruning_ms`` and ``speedup``/``speedup_with_pruning`` (medians over ``--reps``
     interleaved rounds of the whole question set, per question).
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tokenprune.bench.results import Samples, variant_rows
-    from tokenprune.bench.timing import interleaved_schedule
     from tokenprune.methods.context.scorers.bi_encoder import default_model_path
 
     check_config(config, "context", "context:threshold=0.5")
@@ -290,16 +227,16 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
 
     def prompt(example, method):
         messages = [{"role": "user", "content": example.question}]
-        start = time.perf_counter()
-        if method is None:
-            ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
-        else:
-            with tp.patch(tok, method):
+        with Stopwatch() as watch:
+            if method is None:
                 ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
                                               return_tensors="pt", return_dict=True)
+            else:
+                with tp.patch(tok, method):
+                    ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
+                                                  return_tensors="pt", return_dict=True)
         ids.pop("token_type_ids", None)  # BERT-style tokenizer output; a Llama takes none
-        return ids, time.perf_counter() - start
+        return ids, watch.wall_s
 
     samples = Samples()
     prune_s: dict[str, list[list[float]]] = {label: [[] for _ in examples] for label, _ in variants}
@@ -312,10 +249,9 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
         lengths = []
         for i, example in enumerate(examples):
             ids, t_prune = prompt(example, method)
-            start = time.perf_counter()
-            with torch.inference_mode():
+            with Stopwatch() as watch, torch.inference_mode():
                 model.generate(**ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            ttft += time.perf_counter() - start
+            ttft += watch.wall_s
             pruning += t_prune
             lengths.append(ids["input_ids"].shape[1])
             if not run.warmup:
@@ -344,7 +280,11 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
     return rows
 
 
-def main():
+def main(argv=None):
+    import sentence_transformers
+
+    from tokenprune.bench import report
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,47 +292,44 @@ def main():
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--n-latency", type=int, default=15)
     ap.add_argument("--n-ttft", type=int, default=15)
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per TTFT measurement (best kept)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved TTFT repetitions of the question set")
     ap.add_argument("--skip-random-models", action="store_true", help="latency of the bi-encoder only")
     ap.add_argument("--skip-ttft", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/rag_context")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="benchmarks/results/rag_context",
+                    help="results stem: <out>.{json,csv} (recall/compression sweep), <out>_latency.json, <out>_ttft.json")
+    args = ap.parse_args(argv)
 
-    info = machine_info()
     dev, test = make_split(0, args.n_dev), make_split(1, args.n_test)
     bi = BiEncoderScorer()
-    report = {"info": info, "dataset": {"dev": {"seed": 0, "questions": len(dev)}, "test": {"seed": 1, "questions": len(test)},
-                                        "passages_per_question": len(dev[0].passages)}}
-    report["quality"], report["tuning"] = quality(args, bi, dev, test)
+    meta = {**report.environment("cpu"), "sentence_transformers": sentence_transformers.__version__,
+            "parameters": vars(args),
+            "dataset": {"dev": {"seed": 0, "questions": len(dev)}, "test": {"seed": 1, "questions": len(test)},
+                        "passages_per_question": len(dev[0].passages)}}
+    quality_rows, meta["tuning"] = quality(args, bi, dev, test)
+    report.write_json(f"{args.out}.json", meta, quality_rows)
+    report.write_csv(f"{args.out}.csv", meta, quality_rows)
     with tempfile.TemporaryDirectory() as tmp:
-        report["latency"] = latency(args, bi, test[: args.n_latency], tmp)
-        if not args.skip_ttft:
-            report["ttft"] = ttft(args, bi, test[: args.n_ttft], tmp)
-    report["info"]["load_average_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    keys = sorted({k for r in report["quality"] for k in r}, key=lambda k: (k not in ("split", "scorer"), k))
-    with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys + ["machine", "torch", "transformers", "date"])
-        w.writeheader()
-        for r in report["quality"]:
-            w.writerow({**r, **{k: info[k] for k in ("machine", "torch", "transformers", "date")}})
-    summary(report)
+        latency_rows = latency(args, bi, test[: args.n_latency], tmp)
+    report.write_json(f"{args.out}_latency.json", meta, latency_rows)
+    ttft_rows = None
+    if not args.skip_ttft:
+        ttft_rows = ttft(args)
+        report.write_json(f"{args.out}_ttft.json", {**report.environment("cpu"), "parameters": vars(args)}, ttft_rows)
+    summary(meta["tuning"], quality_rows, latency_rows, ttft_rows)
 
 
-def summary(report):
-    t = report["tuning"]
-    print(f"threshold chosen on dev: {t['chosen_on_dev']} (code default {t['code_default']})")
-    for r in report["quality"]:
-        if r["split"] == "test" and (r.get("threshold") in (t["code_default"], None) or "per passage" in r["scorer"]):
+def summary(tuning, quality_rows, latency_rows, ttft_rows=None):
+    print(f"threshold chosen on dev: {tuning['chosen_on_dev']} (code default {tuning['code_default']})")
+    for r in quality_rows:
+        if r["split"] == "test" and (r.get("threshold") in (tuning["code_default"], None) or "per passage" in r["scorer"]):
             mode = f"threshold={r['threshold']}" if r.get("threshold") is not None else f"keep_ratio={r.get('keep_ratio')}"
             print(f"  test {r['scorer']:<48} {mode:<16} recall={r['gold_sentence_recall']:.3f} "
                   f"answer={r['answer_recall']:.3f} char_compr={r['char_compression']:.3f} tok_compr={r['token_compression']:.3f}")
-    for r in report["latency"]:
-        print(f"  latency {r['scorer']:<45} {r['mode']:<28} {r['median_ms_per_passage']:.1f} ms/passage")
-    if "ttft" in report:
-        print("  ttft", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in report["ttft"].items()})
+    for r in latency_rows:
+        print(f"  latency {r['scorer']:<45} {r['batching']:<28} {r['prune_ms_per_passage']:.1f} ms/passage")
+    for r in ttft_rows or []:
+        print(f"  ttft {r['label']:<10} prompt tokens {r['prompt_tokens_after']}/{r['prompt_tokens']} "
+              f"{r['ttft_ms']:.1f} ms, speedup {r['speedup']:.2f}x, with pruning {r['speedup_with_pruning']:.2f}x")
 
 
 if __name__ == "__main__":

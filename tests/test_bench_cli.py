@@ -81,6 +81,49 @@ def test_token_clock_ttft_and_decode_rate(monkeypatch):
     assert clock.decode_tokens_per_s(batch_size=2) == pytest.approx(2 * 3 / 0.4)
 
 
+def test_token_clock_excludes_its_first_token_callback(monkeypatch):
+    # start, token 1, (callback: reads 100.5 and 102.5, i.e. 2 s), end of callback, tokens 2 and 3
+    now = iter([100.0, 100.5, 100.5, 102.5, 102.5, 102.7, 102.9])
+    monkeypatch.setattr("tokenprune.bench.timing.time.perf_counter", lambda: next(now))
+    calls = []
+
+    def probe():
+        calls.append(next(now))
+        calls.append(next(now))
+        return "kv"
+
+    clock = TokenClock(on_first_token=probe)
+    clock.start()
+    for _ in range(4):
+        clock.put(torch.zeros(1))
+    assert calls == [100.5, 102.5] and clock.first_token_result == "kv"
+    assert clock.token_times == pytest.approx([0.5, 0.7, 0.9])  # the 2 s callback is not counted
+    assert clock.decode_tokens_per_s(1) == pytest.approx(2 / 0.4)
+
+
+def test_stopwatch_and_time_interleaved(monkeypatch):
+    from tokenprune.bench.timing import Stopwatch, time_interleaved
+
+    wall = iter([10.0, 10.25])
+    cpu = iter([3.0, 3.0625])
+    monkeypatch.setattr("tokenprune.bench.timing.time.perf_counter", lambda: next(wall))
+    monkeypatch.setattr("tokenprune.bench.timing.time.process_time", lambda: next(cpu))
+    with Stopwatch() as watch:
+        pass
+    assert (watch.wall_s, watch.cpu_s) == (0.25, 0.0625)
+    assert (watch.seconds("wall"), watch.seconds("cpu")) == (0.25, 0.0625)
+    with pytest.raises(ValueError, match="clock"):
+        watch.seconds("gpu")
+    monkeypatch.undo()
+
+    order = []
+    summaries = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating rounds
+    assert summaries["a"].n == summaries["b"].n == 3 and summaries["a"].min >= 0
+    with pytest.raises(ValueError, match="clock"):
+        time_interleaved({"a": lambda: None}, reps=1, clock="gpu")
+
+
 def test_ideal_ratio():
     assert ideal_ratio(100, 0, 4) == 1.0
     assert ideal_ratio(609, 512, 4) == pytest.approx(609 / 97)

@@ -132,10 +132,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# clock name -> timer: wall time, or the CPU time of this process (all its threads). CPU time does not
-# count the time a process waits for a core, so on a shared, oversubscribed machine it is far
-# steadier than wall time for work that does not wait on anything else (one thread, no device).
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+# "wall": time.perf_counter; "cpu": time.process_time, the CPU time of this process (all its
+# threads). CPU time does not count the time a process waits for a core, so on a shared,
+# oversubscribed machine it is far steadier than wall time for work that waits on nothing else
+# (one thread, no device).
+CLOCKS = ("wall", "cpu")
 
 
 class Stopwatch:

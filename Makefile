@@ -27,11 +27,11 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Quality harness (docs/quality.md): retrain the shipped model, then measure every visual method.
-QUALITY_MODEL ?= benchmarks/quality/model
+QUALITY_MODEL ?= tokenprune/bench/suites/quality/model
 .PHONY: quality-model quality
 quality-model: $(VENV)/.installed
-	$(PY) -m benchmarks.quality.train --out $(QUALITY_MODEL)
+	$(PY) -m tokenprune.bench.suites.quality.train --out $(QUALITY_MODEL)
 
 quality: $(VENV)/.installed
-	$(PY) -m benchmarks.quality.evaluate --json benchmarks/results/quality.json \
+	$(PY) -m tokenprune.bench.suites.quality.evaluate --model $(QUALITY_MODEL) --json benchmarks/results/quality.json \
 		--csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png

@@ -1,8 +1,10 @@
 """tokenprune-bench: measurement primitives, result rows, presets and the CLI on the tiny preset."""
 
 import json
+import os
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +81,49 @@ def test_token_clock_ttft_and_decode_rate(monkeypatch):
     assert clock.decode_tokens_per_s(batch_size=2) == pytest.approx(2 * 3 / 0.4)
 
 
+def test_token_clock_excludes_its_first_token_callback(monkeypatch):
+    # start, token 1, (callback: reads 100.5 and 102.5, i.e. 2 s), end of callback, tokens 2 and 3
+    now = iter([100.0, 100.5, 100.5, 102.5, 102.5, 102.7, 102.9])
+    monkeypatch.setattr("tokenprune.bench.timing.time.perf_counter", lambda: next(now))
+    calls = []
+
+    def probe():
+        calls.append(next(now))
+        calls.append(next(now))
+        return "kv"
+
+    clock = TokenClock(on_first_token=probe)
+    clock.start()
+    for _ in range(4):
+        clock.put(torch.zeros(1))
+    assert calls == [100.5, 102.5] and clock.first_token_result == "kv"
+    assert clock.token_times == pytest.approx([0.5, 0.7, 0.9])  # the 2 s callback is not counted
+    assert clock.decode_tokens_per_s(1) == pytest.approx(2 / 0.4)
+
+
+def test_stopwatch_and_time_interleaved(monkeypatch):
+    from tokenprune.bench.timing import Stopwatch, time_interleaved
+
+    wall = iter([10.0, 10.25])
+    cpu = iter([3.0, 3.0625])
+    monkeypatch.setattr("tokenprune.bench.timing.time.perf_counter", lambda: next(wall))
+    monkeypatch.setattr("tokenprune.bench.timing.time.process_time", lambda: next(cpu))
+    with Stopwatch() as watch:
+        pass
+    assert (watch.wall_s, watch.cpu_s) == (0.25, 0.0625)
+    assert (watch.seconds("wall"), watch.seconds("cpu")) == (0.25, 0.0625)
+    with pytest.raises(ValueError, match="clock"):
+        watch.seconds("gpu")
+    monkeypatch.undo()
+
+    order = []
+    summaries = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating rounds
+    assert summaries["a"].n == summaries["b"].n == 3 and summaries["a"].min >= 0
+    with pytest.raises(ValueError, match="clock"):
+        time_interleaved({"a": lambda: None}, reps=1, clock="gpu")
+
+
 def test_ideal_ratio():
     assert ideal_ratio(100, 0, 4) == 1.0
     assert ideal_ratio(609, 512, 4) == pytest.approx(609 / 97)
@@ -93,8 +138,8 @@ def test_variant_rows_speedups():
 
     samples = Samples()
     for rep, (base, fast) in enumerate([(100.0, 25.0), (120.0, 40.0), (80.0, 40.0)]):
-        samples.add("baseline", rep, ttft_ms=base, decode_tok_s=10.0)
-        samples.add("dp", rep, ttft_ms=fast, decode_tok_s=12.0, peak_mem_mb=None)
+        samples.add("baseline", rep, ttft_ms=base, decode_tok_s=10.0, throughput_rps=1000 / base)
+        samples.add("dp", rep, ttft_ms=fast, decode_tok_s=12.0 + rep, peak_mem_mb=None, throughput_rps=1000 / fast)
     rows = variant_rows(samples, [("baseline", None), ("dp", tp.DivPrune(keep=8))],
                         per_variant={"dp": {"ideal_ratio": 4.0}}, common={"model": "m"})
     base, dp = rows
@@ -103,7 +148,13 @@ def test_variant_rows_speedups():
     assert dp["ttft_ms"] == 40.0 and dp["ttft_ms_baseline"] == 100.0
     assert dp["speedup"] == pytest.approx(2.5)
     assert (dp["speedup_min"], dp["speedup_max"]) == (pytest.approx(2.0), pytest.approx(4.0))  # paired: 4, 3, 2
-    assert dp["decode_speedup"] == pytest.approx(1.2)
+    assert dp["speedup_paired"] == pytest.approx(3.0)
+    assert dp["decode_speedup"] == pytest.approx(1.3)  # higher is better: method / baseline
+    assert (dp["decode_speedup_min"], dp["decode_speedup_max"]) == (pytest.approx(1.2), pytest.approx(1.4))
+    # throughput = 1 / TTFT here: its speedup and paired spread are TTFT's
+    assert dp["throughput_speedup"] == pytest.approx(dp["throughput_rps"] / dp["throughput_rps_baseline"])
+    assert (dp["throughput_speedup_min"], dp["throughput_speedup_max"]) == (pytest.approx(2.0), pytest.approx(4.0))
+    assert base["throughput_speedup"] == 1.0 and "throughput_speedup_q1" not in base
     assert dp["ratio_to_ideal"] == pytest.approx(2.5 / 4.0)
     assert "peak_mem_mb" not in dp and dp["model"] == "m"
     with pytest.raises(ValueError):
@@ -232,6 +283,40 @@ def test_missing_engine_backend_exits_2(monkeypatch, capsys):
     assert code == 2 and "--methods is required" in err
 
 
+def test_runners_import_from_the_package_without_touching_sys_path(tmp_path):
+    """Every runner of RUNNERS (and the quality harness) imports by package name, in a fresh
+    interpreter, leaves sys.path as it found it, and a foreign top-level ``benchmarks`` package on
+    the path (pysbd installs one) shadows nothing."""
+    import subprocess
+
+    fake = tmp_path / "benchmarks"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the foreign benchmarks package was imported')\n")
+    for name in ("text_bench", "vllm_bench", "kernels"):
+        (fake / f"{name}.py").write_text("raise ImportError('a foreign benchmark module was imported')\n")
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "before = list(sys.path)\n"
+        "import importlib\n"
+        "from tokenprune.bench import modes\n"
+        "for ref in modes.RUNNERS.values():\n"
+        "    module, _, attr = ref.partition(':')\n"
+        "    runner = getattr(importlib.import_module(module), attr)\n"
+        "    assert callable(runner) and runner.__module__ == module, ref\n"
+        "    assert module.startswith('tokenprune.bench.suites.'), ref\n"
+        "import tokenprune.bench.suites.quality.evaluate, tokenprune.bench.suites.kernels\n"
+        "assert sys.path == before, set(sys.path) ^ set(before)\n"
+        "assert 'benchmarks' not in sys.modules\n"
+        "print('ok', len(modes.RUNNERS))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's tokenprune, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", str(len(modes.RUNNERS))]
+
+
 def test_modes_are_pluggable(tmp_path, monkeypatch, capsys):
     """A runner registered for (engine, mode) receives the config and its rows are reported."""
     (tmp_path / "fake_bench_mode.py").write_text(
@@ -272,7 +357,7 @@ def test_input_builders_fit_llava_next_and_qwen2_5_vl():
     import transformers
     from transformers import CLIPVisionConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
-    from tokenprune.bench.hf_visual import INPUT_BUILDERS
+    from tokenprune.bench.suites.hf_visual import INPUT_BUILDERS
     from tokenprune.bench.presets import LoadedModel
     from tokenprune.fixtures import tiny_llama_config
 
@@ -313,48 +398,53 @@ def test_plot_tolerates_ratio_of_medians_outside_paired_iqr(tmp_path):
         plot_results(rows[:1], tmp_path / "q.png")
 
 
-def test_suite_adapters_map_rows(monkeypatch, tmp_path, capsys):
-    """--engine vllm and --mode text call the suites in benchmarks/ and rename their figures."""
-    import types
+def test_suite_runners_pass_the_config(monkeypatch, tmp_path, capsys):
+    """--engine vllm and --mode text hand the config to their suites' entry points and report their rows."""
+    import tokenprune as tp
+    from tokenprune.bench.suites import text, vllm_visual
 
     calls = {}
 
-    def run_vllm_benchmark(presets, keep, method, trials, batch, max_tokens, progress):
-        calls["vllm"] = dict(presets=presets, keep=keep, method=method, trials=trials, batch=batch)
-        common = dict(preset=presets[0], method=method, keep=keep, prompt_tokens_baseline=600,
-                      prompt_tokens_pruned=88, ideal_speedup=600 / 88, trials=trials)
-        return [dict(common, metric="ttft_s", baseline=0.4, pruned=0.1, speedup=4.0, fraction_of_ideal=4 / (600 / 88)),
-                dict(common, metric="throughput_rps", baseline=2.0, pruned=5.0, speedup=2.5)]
+    def fake_rows(labels):
+        samples = Samples()
+        for rep in range(2):
+            for (label, _), ttft in zip(labels, [400.0, 100.0]):
+                samples.add(label, rep, ttft_ms=ttft)
+        return variant_rows(samples, labels)
 
-    def run_text_benchmark(preset="tiny", lengths=None, methods=None, reps=3, new_tokens=None, progress=True, **kw):
-        calls["text"] = dict(preset=preset, lengths=lengths, labels=[label for label, _ in methods], reps=reps)
-        return [dict(method=label, prompt_tokens=lengths[0], ttft_s=ttft, ttft_speedup=0.5 / ttft, kl=0.0)
-                for (label, _), ttft in zip(methods, [0.5, 0.25])]
+    def run_vllm_benchmark(presets, method, trials, batch, max_tokens, warmup, track, keep=None):
+        calls["vllm"] = dict(presets=presets, method=method.to_config(), trials=trials, batch=batch, warmup=warmup)
+        return fake_rows([("baseline", None), (method.name, method)])
+
+    def run_text_benchmark(preset="tiny", lengths=None, methods=None, reps=3, new_tokens=None, warmup=0, track=None,
+                           **kw):
+        calls["text"] = dict(preset=preset, lengths=lengths, labels=[label for label, _ in methods], reps=reps,
+                             warmup=warmup, new_tokens=new_tokens)
+        return fake_rows(methods)
 
     monkeypatch.setitem(modes.BACKENDS, "vllm", ())
-    monkeypatch.setitem(sys.modules, "benchmarks.vllm_bench",
-                        types.SimpleNamespace(run_vllm_benchmark=run_vllm_benchmark))
-    monkeypatch.setitem(sys.modules, "benchmarks.text_bench",
-                        types.SimpleNamespace(run_text_benchmark=run_text_benchmark, PRESETS={"tiny": {}}))
+    monkeypatch.setattr(vllm_visual, "run_vllm_benchmark", run_vllm_benchmark)
+    monkeypatch.setattr(text, "run_text_benchmark", run_text_benchmark)
+    monkeypatch.setattr(text, "PRESETS", {"tiny": {}})
     path = tmp_path / "v.json"
     code, _, err = _run(capsys, "--engine", "vllm", "--methods", "divprune:keep=64", "--reps", "3", "--batch-size",
-                        "2", "--json", str(path), "--quiet")
+                        "2", "--warmup", "0", "--json", str(path), "--quiet")
     assert code == 0, err
-    assert calls["vllm"] == dict(presets=["tiny"], keep=64, method="divprune", trials=3, batch=2)
+    assert calls["vllm"] == dict(presets=["tiny"], method=tp.DivPrune(keep=64).to_config(), trials=3,
+                                 batch=2, warmup=0)
     base, dp = json.loads(path.read_text())["results"]
-    assert (base["ttft_ms"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (400.0, 100.0, 400.0, 4.0)
-    assert (dp["visual_tokens_before"], dp["visual_tokens_after"], dp["prompt_tokens_after"]) == (576, 64, 88)
-    assert dp["throughput_speedup"] == 2.5 and dp["engine"] == "vllm"
+    assert (dp["label"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == ("divprune(keep=64)", 100.0, 400.0,
+                                                                                   4.0)
     code, _, err = _run(capsys, "--engine", "vllm", "--methods", "fastv", "--quiet")
     assert code == 2 and "visual methods" in err
 
     code, _, err = _run(capsys, "--mode", "text", "--model", "tiny", "--methods", "divprune:keep=4",
-                        "--prompt-tokens", "512", "--json", str(path), "--quiet")
+                        "--prompt-tokens", "512", "--new-tokens", "4", "--json", str(path), "--quiet")
     assert code == 0, err
-    assert calls["text"] == dict(preset="tiny", lengths=[512], labels=["baseline", "divprune(keep=4)"], reps=5)
+    assert calls["text"] == dict(preset="tiny", lengths=[512], labels=["baseline", "divprune(keep=4)"], reps=5,
+                                 warmup=1, new_tokens=4)
     base, dp = json.loads(path.read_text())["results"]
-    assert (dp["method"], dp["label"], dp["ttft_ms"], dp["ttft_ms_baseline"], dp["speedup"]) == (
-        "divprune", "divprune(keep=4)", 250.0, 500.0, 2.0)
+    assert (dp["method"], dp["label"], dp["model"], dp["speedup"]) == ("divprune", "divprune(keep=4)", "tiny", 4.0)
 
 
 def test_threads_auto_drops_to_one_on_a_busy_machine(monkeypatch):

@@ -51,11 +51,11 @@ def test_spec_mode_reports_forwards_and_prompt_lookup(tiny_lm_path, tmp_path, ca
     for row in rows:
         assert row["mode"] == "spec" and row["decoding"] == "greedy" and row["new_tokens"] == 12
         assert row["tokens_per_forward"] * row["forwards_per_token"] == pytest.approx(1.0)
-        assert row["speedup"] > 0
+        assert row["e2e_ms"] > 0 and row["e2e_speedup"] == pytest.approx(row["e2e_ms_baseline"] / row["e2e_ms"])
         assert row["identical"] is True  # greedy speculative decoding is lossless
     for row in rows:
         if row["method"] == "baseline":
-            assert row["tokens_per_forward"] == 1.0 and row["speedup"] == 1.0
+            assert row["tokens_per_forward"] == 1.0 and row["e2e_speedup"] == 1.0
         elif row["method"] == "draft_tree":
             assert row["source"] == "ngram" and row["budget"] == 4 and row["params"]["budget"] == 4
             # at most budget + 1 tokens per verification forward
@@ -106,7 +106,10 @@ def test_vllm_engine_runs_the_suite(vllm_env, tmp_path):  # noqa: F811
     assert base["method"] == "baseline" and pruned["method"] == "divprune" and pruned["keep"] == 64
     # 576 placeholder tokens per image become 64
     assert base["prompt_tokens_after"] - pruned["prompt_tokens_after"] == 512
+    assert pruned["ideal_ratio"] == pytest.approx(base["prompt_tokens"] / pruned["prompt_tokens_after"])
     assert pruned["ttft_ms"] > 0 and pruned["speedup"] > 0 and pruned["throughput_rps"] > 0
+    assert pruned["ttft_cpu_ms"] > 0 and pruned["throughput_cpu_speedup"] > 0 and pruned["label"] == "divprune(keep=64)"
+    assert base["speedup"] == 1.0 and base["throughput_speedup"] == 1.0
 
 
 def test_quality_subcommand_reports_retention(tmp_path, capsys):

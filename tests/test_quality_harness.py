@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 import tokenprune as tp  # noqa: E402
-from benchmarks.quality import data, evaluate  # noqa: E402
+from tokenprune.bench.suites.quality import data, evaluate  # noqa: E402
 
 MODEL_DIR = Path(evaluate.DEFAULT_MODEL)
 N = 48  # a fixed slice of the test split: a few seconds on two cores
@@ -112,7 +112,7 @@ def test_patch_objects_cover_each_object_and_its_centre():
 def test_training_tokenisation_and_attention_probe_match_the_model():
     """The trainer's own tokenisation equals the processor's, and the attention it supervises is the
     layer's real attention (eager ``output_attentions``), on a tiny untrained model."""
-    from benchmarks.quality import train
+    from tokenprune.bench.suites.quality import train
 
     tokenizer = train.build_tokenizer()
     model = train.build_model(tokenizer, seed=0, text_width=32, text_layers=2, text_heads=2)
@@ -134,3 +134,30 @@ def test_training_tokenisation_and_attention_probe_match_the_model():
         positions = torch.tensor([encoded[0][2][0][1] - 1, encoded[1][2][1][1] - 1, encoded[2][2][2][1] - 1, 7])
         torch.testing.assert_close(probe.weights(rows, positions, mask), out.attentions[-1][rows, :, positions])
     probe.remove()
+
+
+def test_a_newly_registered_visual_method_is_evaluated(monkeypatch):
+    """The harness's method list comes from the registry: a visual method registered later is swept over
+    every keep with its METHOD_ARGS, an in-LLM one over the layers too; other stages are not evaluated."""
+    from dataclasses import dataclass
+
+    from tokenprune.methods import base
+
+    @dataclass
+    class Strided(base.VisualPruner):
+        stride: int = 1
+
+        def select(self, image):
+            return torch.arange(0, image.num_tokens, self.stride)[: base.resolve_keep(self.keep, image.num_tokens)]
+
+    monkeypatch.setitem(base._REGISTRY, "strided_test", Strided)
+    Strided.name = "strided_test"
+    monkeypatch.setitem(evaluate.METHOD_ARGS, "strided_test", {"stride": 3})
+    assert "strided_test" in evaluate.evaluated_methods() and "snapkv" not in evaluate.evaluated_methods()
+    configs = evaluate.method_configs(num_layers=4, keeps=(64, 32), layers=(1, 2, 9), only=["strided_test", "fastv"])
+    assert [(label, m.keep) for label, m in configs if label == "strided_test"] == [("strided_test", 64),
+                                                                                   ("strided_test", 32)]
+    assert all(m.stride == 3 for label, m in configs if label == "strided_test")
+    assert sorted({(m.layer, m.keep) for label, m in configs if label.startswith("fastv")}) == [
+        (1, 32), (1, 64), (2, 32), (2, 64)]  # layer 9 does not exist in a 4-layer decoder
+    assert not any(label == "random" for label, _ in configs)  # not asked for

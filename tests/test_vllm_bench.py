@@ -1,18 +1,14 @@
-"""Argument checks of the vLLM benchmark (the measurement itself runs in benchmarks/vllm_bench.py)."""
-
-import importlib.util
-from pathlib import Path
+"""Argument checks of the vLLM benchmark (the measurement itself runs in
+tokenprune/bench/suites/vllm_visual.py)."""
 
 import pytest
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_bench.py"
-    spec = importlib.util.spec_from_file_location("vllm_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tokenprune.bench.suites import vllm_visual
+
+    return vllm_visual
 
 
 @pytest.mark.parametrize(

@@ -227,12 +227,9 @@ def _track(quiet: bool) -> Callable[..., Iterable]:
 
 
 def _console(quiet: bool):
-    from rich.console import Console
+    from tokenprune.bench import report
 
-    console = Console(quiet=quiet)
-    if not console.is_terminal:  # logs and pipes: wide enough that no column is truncated
-        console = Console(quiet=quiet, width=max(console.width, 180))
-    return console
+    return report.wide_console(quiet)
 
 
 def _emit(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]], title: str) -> None:
@@ -301,19 +298,11 @@ def _int_list(name: str, text: str) -> list[int]:
 def _quality(args: argparse.Namespace) -> None:
     import torch
 
-    import tokenprune as tp
     from tokenprune.bench import report
-    from tokenprune.bench.external import run_quality
-    from tokenprune.methods.base import get_method_class
+    from tokenprune.bench.suites.quality.evaluate import run as run_quality
 
     keeps, layers = _int_list("--keep", args.keep), _int_list("--layers", args.layers)
-    methods = None
-    if args.methods is not None:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        visual = [n for n in tp.available_methods() if get_method_class(n).stage in ("visual", "llm")]
-        unknown = [m for m in methods if m not in visual]
-        if unknown or not methods:
-            raise UsageError(f"--methods must be names among {', '.join(visual)}, got {args.methods!r}")
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     threads = torch.get_num_threads()
     torch.set_num_threads(_resolve_threads(args.threads))
     try:

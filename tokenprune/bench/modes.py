@@ -2,32 +2,30 @@
 
 A runner is a function ``run(config: BenchConfig, progress: Progress) -> list[dict]`` that returns
 one result row per variant (``"baseline"`` first, then each method), built with
-:func:`tokenprune.bench.results.variant_rows` so every mode reports the same columns. Runners are
-referenced as ``"module:function"`` strings and imported only when chosen; a runner whose module
-(or whose backend: vLLM, sentence-transformers...) cannot be imported makes the CLI exit 2 with
-one line. Wiring a new mode is one entry in :data:`RUNNERS` (and one in :data:`STAGE_MODES` when a
-method stage implies it).
+:func:`tokenprune.bench.results.variant_rows` so every mode reports the same columns. Runners live
+in :mod:`tokenprune.bench.suites`, are referenced as ``"module:function"`` strings and imported
+(by package name, never by file path) only when chosen; a runner whose module (or whose backend:
+vLLM, sentence-transformers...) cannot be imported makes the CLI exit 2 with one line. Wiring a new
+mode is one entry in :data:`RUNNERS` (and one in :data:`STAGE_MODES` when a method stage implies it).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 __all__ = ["BenchConfig", "RUNNERS", "STAGE_MODES", "ENGINES", "MODES", "DEFAULT_METHODS", "resolve_mode",
-           "load_runner", "import_benchmark", "BackendUnavailable"]
+           "load_runner", "BackendUnavailable"]
 
-# (engine, mode) -> runner. Runners outside the package live in the repository's benchmarks/.
+# (engine, mode) -> runner, one module of tokenprune.bench.suites per suite.
 RUNNERS: dict[tuple[str, str], str] = {
-    ("hf", "visual"): "tokenprune.bench.hf_visual:run",
-    ("vllm", "visual"): "tokenprune.bench.external:run_vllm",  # benchmarks/vllm_bench.py
-    ("hf", "text"): "tokenprune.bench.external:run_text",  # benchmarks/text_bench.py
-    ("hf", "rag"): "tokenprune.bench.external:run_rag",  # benchmarks/rag/run.py
-    ("hf", "spec"): "tokenprune.bench.external:run_spec",  # tokenprune/bench/speculative.py
+    ("hf", "visual"): "tokenprune.bench.suites.hf_visual:run",
+    ("vllm", "visual"): "tokenprune.bench.suites.vllm_visual:run",
+    ("hf", "text"): "tokenprune.bench.suites.text:run",
+    ("hf", "rag"): "tokenprune.bench.suites.rag.run:run",
+    ("hf", "spec"): "tokenprune.bench.suites.spec:run",
 }
 ENGINES = ("hf", "vllm")
 # mode -> methods measured when --methods is not given (the published defaults).
@@ -99,51 +97,6 @@ def resolve_mode(mode: str, methods: list[Any]) -> str:
     return implied.pop()
 
 
-def _repo_root() -> Optional[Path]:
-    """The source checkout holding this package, if any (where ``benchmarks/`` lives)."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "benchmarks").is_dir() else None
-
-
-def import_benchmark(module_name: str) -> Any:
-    """Import a runner's module: one of the repository's ``benchmarks/`` (found from a source
-    checkout) or any importable module.
-
-    A ``benchmarks.*`` module is loaded from its file, not through the ``benchmarks`` package name: other
-    distributions install a top-level ``benchmarks`` package (pysbd, which the context scorers
-    use, does) that would shadow the checkout's.
-
-    Raises:
-        BackendUnavailable: it cannot be imported here.
-    """
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    if module_name.split(".")[0] != "benchmarks":  # a runner in an installed package or on sys.path
-        try:
-            return importlib.import_module(module_name)
-        except ImportError as exc:
-            raise BackendUnavailable(f"benchmark suite unavailable: cannot import {module_name} ({exc})") from None
-    root = _repo_root()
-    path = None if root is None else root.joinpath(*module_name.split(".")).with_suffix(".py")
-    if path is None or not path.is_file():
-        raise BackendUnavailable(f"benchmark suite unavailable: no {module_name} in a source checkout "
-                                 f"({path or 'benchmarks/ not found'})")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # the suites import tokenprune from the same checkout
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as exc:
-        del sys.modules[module_name]
-        raise BackendUnavailable(f"benchmark suite unavailable: cannot import {module_name} ({exc})") from None
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
 def load_runner(engine: str, mode: str) -> Callable[..., list[dict]]:
     """Import the runner of ``(engine, mode)``.
 
@@ -162,7 +115,10 @@ def load_runner(engine: str, mode: str) -> Callable[..., list[dict]]:
             raise BackendUnavailable(f"engine {engine!r} needs the {backend} package, which is not installed "
                                      f"(pip install 'tokenprune[{engine}]')")
     module_name, _, attr = ref.partition(":")
-    module = import_benchmark(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{engine}/{mode} benchmark unavailable: cannot import {module_name} ({exc})") from None
     runner = getattr(module, attr, None)
     if runner is None:
         raise BackendUnavailable(f"{engine}/{mode} benchmark unavailable: {module_name} has no {attr}")

@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["environment", "write_json", "write_csv", "load_results", "print_table", "markdown_table", "plot_results",
-           "RANDOM_WEIGHTS_NOTE"]
+__all__ = ["environment", "write_json", "write_csv", "load_results", "wide_console", "print_table", "markdown_table",
+           "plot_results", "RANDOM_WEIGHTS_NOTE"]
 
 RANDOM_WEIGHTS_NOTE = ("random weights: latency and token counts are real, output quality is meaningless "
                        "(use a trained checkpoint path for quality)")
@@ -72,6 +72,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # how shared it was
         "torch_threads": torch.get_num_threads(),
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
@@ -177,12 +178,14 @@ def _pct(value: Any) -> str:
 MODE_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
     "spec": [
         ("prompts", lambda r: str(r.get("prompt_kind", "-"))),
+        ("decoding", lambda r: str(r.get("decoding", "-"))),
         ("method", lambda r: str(r.get("label", r.get("method")))),
         ("source", lambda r: str(r.get("source", "-"))),
         ("budget", lambda r: str(r.get("budget") if r.get("budget") not in (None, "") else "-")),
         ("tokens/target fwd", lambda r: _fmt(r.get("tokens_per_forward"), ".2f")),
         ("target fwd/token", lambda r: _fmt(r.get("forwards_per_token"), ".3f")),
-        ("wall-clock speedup", lambda r: _ratio(r.get("speedup"))),
+        # e2e_speedup: whole generate call; "speedup" in results written before the suites shared variant_rows
+        ("wall-clock speedup", lambda r: _ratio(r.get("e2e_speedup", r.get("speedup")))),
         ("identical", lambda r: str(r.get("identical", "-"))),
     ],
     "text": [
@@ -204,6 +207,16 @@ MODE_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
         ("agreement with unpruned", lambda r: _pct(r.get("agreement"))),
         ("majority answer", lambda r: _fmt(r.get("majority_baseline"), ".3f")),
         ("seconds", lambda r: _fmt(r.get("seconds"), ".1f")),
+    ],
+    "kernels": [
+        ("kernel", lambda r: str(r.get("kernel", "-"))),
+        ("shape", lambda r: str(r.get("shape", "-"))),
+        ("impl", lambda r: str(r.get("method"))),
+        ("ms", lambda r: _spread(r, "time_ms", ".3f")),
+        ("floor", lambda r: str(r.get("floor") or "-")),
+        ("x floor", lambda r: _fmt(r.get("ratio_vs_floor"), ".2f")),
+        ("speedup vs loop", lambda r: _ratio(r.get("ratio_vs_loop"))),
+        ("same picks", lambda r: "-" if r.get("same_picks") is None else str(r["same_picks"])),
     ],
     "rag": [
         ("method", lambda r: str(r.get("label", r.get("method")))),
@@ -249,13 +262,22 @@ def _columns(rows: Sequence[dict[str, Any]]) -> tuple[list[str], Callable[[dict[
     return [h for h, _ in columns], lambda row: [cell(row) for _, cell in columns]
 
 
+def wide_console(quiet: bool = False) -> Any:
+    """A rich console; in logs and pipes wide enough that no column is truncated."""
+    from rich.console import Console
+
+    out = Console(quiet=quiet)
+    if not out.is_terminal:
+        out = Console(quiet=quiet, width=max(out.width, 180))
+    return out
+
+
 def print_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any], console: Any = None, title: str = "") -> None:
     """A rich table per variant: TTFT, decode tok/s, tokens kept, speedup and the ideal ratio, or
     the mode's own figures (:data:`MODE_COLUMNS`: spec, rag)."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or wide_console()
     first = rows[0] if rows else {}
     params = first.get("num_parameters")
     caption_bits = [
@@ -324,9 +346,9 @@ def plot_results(
     on a second axis.
     """
     if rows and rows[0].get("mode") == "quality":  # retention vs keep: the quality harness's own plot
-        from tokenprune.bench.external import plot_quality
+        from tokenprune.bench.suites.quality.evaluate import plot
 
-        plot_quality(list(rows), str(path))
+        plot(list(rows), Path(path))
         return
     import matplotlib
 

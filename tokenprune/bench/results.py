@@ -3,11 +3,15 @@
 A row describes one variant (``"baseline"`` or a method) of one run of the CLI. Its columns:
 
 * ``method``, ``label``, ``keep``, ``params`` (the method's ``to_config()``), ``stage``;
-* per metric (``ttft_ms``, ``decode_tok_s``, ``e2e_ms``, ``peak_mem_mb``): the median, its
-  ``_q1``/``_q3``/``_min``/``_max`` and the baseline's median as ``<metric>_baseline``;
-* ``speedup``: baseline TTFT median / method TTFT median, with ``speedup_q1``/``_q3``/``_min``/
-  ``_max`` from the per-repetition paired ratios; ``decode_speedup`` and ``e2e_speedup`` likewise
-  (medians only);
+* per metric of :data:`METRICS` that the runner measured (``ttft_ms``, ``decode_tok_s``, ``e2e_ms``,
+  ``peak_mem_mb``, and the vLLM suite's ``ttft_cpu_ms``, ``throughput_rps``,
+  ``throughput_cpu_rps``): the median, its ``_q1``/``_q3``/``_min``/``_max`` and the baseline's
+  median as ``<metric>_baseline``;
+* per metric with a speedup column (``speedup`` for TTFT, ``decode_speedup``, ``e2e_speedup``,
+  ``throughput_speedup``...): the ratio of the baseline's median to the method's (inverted for
+  higher-is-better metrics, so > 1 always means faster), with ``<speedup>_paired`` (median of the
+  per-repetition paired ratios, steadier on a machine whose load drifts) and ``<speedup>_q1``/
+  ``_q3``/``_min``/``_max`` of those paired ratios;
 * ``ideal_ratio``: prompt token-layers the decoder processes in the baseline / with the method (the
   speedup pruning would give if prefill cost were linear in tokens and nothing else cost time),
   and ``ratio_to_ideal`` = ``speedup / ideal_ratio``;
@@ -24,8 +28,16 @@ from tokenprune.bench.timing import paired_ratios, summarize
 __all__ = ["Samples", "METRICS", "ideal_ratio", "variant_rows", "BASELINE"]
 
 BASELINE = "baseline"
-# metric -> lower is better
-METRICS: dict[str, bool] = {"ttft_ms": True, "decode_tok_s": False, "e2e_ms": True, "peak_mem_mb": True}
+# metric -> (lower is better, speedup column or None)
+METRICS: dict[str, tuple[bool, Optional[str]]] = {
+    "ttft_ms": (True, "speedup"),
+    "decode_tok_s": (False, "decode_speedup"),
+    "e2e_ms": (True, "e2e_speedup"),
+    "peak_mem_mb": (True, None),
+    "ttft_cpu_ms": (True, "ttft_cpu_speedup"),  # process CPU time of a request (vLLM, in-process engine)
+    "throughput_rps": (False, "throughput_speedup"),
+    "throughput_cpu_rps": (False, "throughput_cpu_speedup"),  # requests per CPU-second
+}
 
 
 class Samples:
@@ -65,7 +77,11 @@ def variant_rows(
 ) -> list[dict[str, Any]]:
     """One row per ``(label, method)`` (``method`` None for the baseline, which must come first).
 
-    ``per_variant[label]`` may carry ``ideal_ratio``; ``common`` is copied into every row.
+    A method is a ``tp.Pruner`` or anything with ``name``, ``stage`` and ``to_config()`` (and
+    optionally ``keep``): the suites measure a few things that are not tokenprune methods
+    (transformers' prompt lookup, kvpress's SnapKV) in the same rows.
+    ``per_variant[label]`` may carry ``ideal_ratio`` (and overrides any column); ``common`` is
+    copied into every row.
     """
     if not variants or variants[0][1] is not None:
         raise ValueError("variants must start with the baseline (label, None)")
@@ -80,26 +96,25 @@ def variant_rows(
             "stage": None if method is None else method.stage,
             "params": {} if method is None else method.to_config(),
         }
-        for metric in METRICS:
+        for metric, (lower_is_better, speedup) in METRICS.items():
             values = samples.get(metric, label)
             if not values:
                 continue
             row.update(summarize(list(values.values())).as_dict(metric))
             base = samples.get(metric, base_label)
-            if base:
-                row[f"{metric}_baseline"] = summarize(list(base.values())).median
-        if "ttft_ms" in row and "ttft_ms_baseline" in row:
-            row["speedup"] = row["ttft_ms_baseline"] / row["ttft_ms"]
-        if "speedup" in row and method is not None:
-            paired = paired_ratios(samples.get("ttft_ms", base_label), samples.get("ttft_ms", label))
-            if paired:
-                spread = summarize(paired).as_dict("speedup")
-                spread.pop("speedup")
-                row.update(spread)
-        if row.get("decode_tok_s") and row.get("decode_tok_s_baseline"):
-            row["decode_speedup"] = row["decode_tok_s"] / row["decode_tok_s_baseline"]
-        if row.get("e2e_ms") and row.get("e2e_ms_baseline"):
-            row["e2e_speedup"] = row["e2e_ms_baseline"] / row["e2e_ms"]
+            if not base:
+                continue
+            row[f"{metric}_baseline"] = summarize(list(base.values())).median
+            if speedup is None or not row[metric] or not row[f"{metric}_baseline"]:
+                continue
+            ratio = row[f"{metric}_baseline"] / row[metric]
+            row[speedup] = ratio if lower_is_better else 1 / ratio
+            if method is not None:
+                paired = paired_ratios(base, values) if lower_is_better else paired_ratios(values, base)
+                if paired:
+                    spread = summarize(paired).as_dict(speedup)
+                    spread[f"{speedup}_paired"] = spread.pop(speedup)
+                    row.update(spread)
         row.update(per_variant.get(label, {}))
         if row.get("ideal_ratio") and "speedup" in row:
             row["ratio_to_ideal"] = row["speedup"] / row["ideal_ratio"]

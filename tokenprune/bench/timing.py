@@ -9,6 +9,9 @@ RAG, speculative; HF or vLLM) measures the same way:
 * :func:`summarize` / :class:`Summary`: median with quartiles and min/max of a sample;
 * :func:`paired_ratios`: per-repetition ratios baseline / method (the runs of one repetition are
   adjacent in time, so their ratio is steadier than the ratio of two medians on a noisy machine);
+* :class:`Stopwatch`: wall-clock and process CPU time of a block, device work included
+  (:data:`CLOCKS`: ``"wall"`` or ``"cpu"``);
+* :func:`time_interleaved`: callables timed along an interleaved schedule, one summary each;
 * :class:`TokenClock`: a ``transformers`` streamer that timestamps the prompt and every new token,
   giving time-to-first-token and decode throughput from one ``generate`` call;
 * :class:`PeakMemory`: CUDA max-allocated on GPU, resident-set high-water mark on CPU.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -29,6 +32,9 @@ __all__ = [
     "summarize",
     "interleaved_schedule",
     "paired_ratios",
+    "CLOCKS",
+    "Stopwatch",
+    "time_interleaved",
     "TokenClock",
     "PeakMemory",
     "synchronize",
@@ -126,6 +132,62 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# "wall": time.perf_counter; "cpu": time.process_time, the CPU time of this process (all its
+# threads). CPU time does not count the time a process waits for a core, so on a shared,
+# oversubscribed machine it is far steadier than wall time for work that waits on nothing else
+# (one thread, no device).
+CLOCKS = ("wall", "cpu")
+
+
+class Stopwatch:
+    """Wall-clock and process CPU seconds of a ``with`` block, queued device work included.
+
+    Attributes:
+        wall_s / cpu_s: the block's wall and CPU time (set on exit).
+    """
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = device
+        self.wall_s = self.cpu_s = 0.0
+        self._wall = self._cpu = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        if self.device is not None:
+            synchronize(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device is not None:
+            synchronize(self.device)
+        self.wall_s, self.cpu_s = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+    def seconds(self, clock: str = "wall") -> float:
+        """The block's time on ``clock`` (a key of :data:`CLOCKS`)."""
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+        return self.wall_s if clock == "wall" else self.cpu_s
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, clock: str = "wall",
+                     device: Optional[torch.device] = None) -> dict[str, Summary]:
+    """Milliseconds of each callable, run along :func:`interleaved_schedule` (every callable once
+    per round, the order rotating), summarised per callable.
+
+    Raises:
+        ValueError: bad ``reps``/``warmup`` (see :func:`interleaved_schedule`) or unknown ``clock``.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for run in interleaved_schedule(list(fns), reps, warmup):
+        with Stopwatch(device) as watch:
+            fns[run.variant]()
+        if not run.warmup:
+            samples[run.variant].append(watch.seconds(clock) * 1e3)
+    return {name: summarize(values) for name, values in samples.items()}
+
+
 class TokenClock:
     """A ``transformers`` streamer that records when the prompt and each new token reach the host.
 
@@ -133,17 +195,25 @@ class TokenClock:
     CUDA each ``put`` follows a device-to-host copy of the tokens, i.e. a synchronisation, so the
     timestamps are completion times, not launch times. Call :meth:`start` right before ``generate``.
 
+    Args:
+        on_first_token: called once, right after the first new token is timestamped (e.g. to read
+            the KV cache the prefill left); its duration is excluded from the later timestamps,
+            and its return value kept in :attr:`first_token_result`.
+
     Attributes:
         token_times: seconds since :meth:`start` at which each new token was available.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_first_token: Optional[Callable[[], Any]] = None) -> None:
         self.t0 = 0.0
         self.token_times: list[float] = []
+        self.on_first_token = on_first_token
+        self.first_token_result: Any = None
         self._prompt_seen = False
 
     def start(self) -> None:
         self.token_times = []
+        self.first_token_result = None
         self._prompt_seen = False
         self.t0 = time.perf_counter()
 
@@ -151,7 +221,11 @@ class TokenClock:
         if not self._prompt_seen:  # the first put is the prompt itself
             self._prompt_seen = True
             return
-        self.token_times.append(time.perf_counter() - self.t0)
+        now = time.perf_counter()
+        self.token_times.append(now - self.t0)
+        if len(self.token_times) == 1 and self.on_first_token is not None:
+            self.first_token_result = self.on_first_token()
+            self.t0 += time.perf_counter() - now  # later tokens are timed as if the callback took no time
 
     def end(self) -> None:
         pass

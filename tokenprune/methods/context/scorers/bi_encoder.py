@@ -68,8 +68,8 @@ class BiEncoderScorer(SentenceScorer):
         (:func:`~tokenprune.methods.context.scorers.base.adaptive_keep_scores`).
     """
 
-    #: chosen on the dev split of benchmarks/rag: the largest threshold with >= 99% dev
-    #: answer-sentence recall (docs/context_pruning.md).
+    #: chosen on the dev split of the RAG suite (tokenprune.bench.suites.rag): the largest threshold
+    #: with >= 99% dev answer-sentence recall (docs/context_pruning.md).
     default_threshold = 0.575
 
     model: Optional[str] = None

@@ -1,10 +1,14 @@
 """LLMLingua / LongLLMLingua on the same synthetic RAG set, in their own environment.
 
-llmlingua pins an older transformers, so it runs in a separate venv (see docs/context_pruning.md):
+llmlingua pins an older transformers, so it runs in a separate venv (see docs/context_pruning.md),
+from the root of a checkout (``-m`` puts the working directory on the path; from this package it
+needs torch only: the stdlib-only :mod:`~tokenprune.bench.suites.rag.dataset`, the timing and the
+report writer):
 
     python3 -m venv /tmp/llmlingua_venv
     /tmp/llmlingua_venv/bin/pip install torch==2.13.0 llmlingua "transformers<4.50"
-    /tmp/llmlingua_venv/bin/python benchmarks/rag/llmlingua_side.py --out benchmarks/results/rag_llmlingua.json
+    /tmp/llmlingua_venv/bin/python -m tokenprune.bench.suites.rag.llmlingua_side \
+        --out benchmarks/results/rag_llmlingua.json
 
 Offline adaptations, both outside llmlingua's code:
 
@@ -21,20 +25,14 @@ Offline adaptations, both outside llmlingua's code:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-from dataset import make_split  # noqa: E402
+from tokenprune.bench import report
+from tokenprune.bench.suites.rag.dataset import make_split
+from tokenprune.bench.timing import Stopwatch, summarize
 
 
 def build_compressor_lm(path: str, corpus: list[str]) -> str:
@@ -70,12 +68,13 @@ class _TokenCounter:
         return self.tokenizer.decode(ids)
 
 
-def main():
+def main(argv=None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--rate", type=float, default=0.35, help="kept fraction (0.35 = 65%% compression)")
     ap.add_argument("--out", default="benchmarks/results/rag_llmlingua.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import tiktoken
     import transformers
@@ -106,30 +105,24 @@ def main():
             per_passage = []
             for e in test:
                 texts = [p["text"] for p in e.passages]
-                t0 = time.perf_counter()
-                out = compressor.compress_prompt(texts, instruction="", question=e.question, concate_question=False, **kw)
-                per_passage.append((time.perf_counter() - t0) / len(texts))
+                with Stopwatch() as watch:
+                    out = compressor.compress_prompt(texts, instruction="", question=e.question,
+                                                     concate_question=False, **kw)
+                per_passage.append(1e3 * watch.wall_s / len(texts))
                 prompt = out["compressed_prompt"]
                 gold += e.gold_sentence in prompt
                 answer += e.answer in prompt
                 cb += len("\n\n".join(texts))
                 ca += len(prompt)
-            rows.append({"method": name, "rate": args.rate, "gold_sentence_recall": gold / len(test),
-                         "answer_recall": answer / len(test), "char_compression": 1 - ca / cb,
-                         "median_ms_per_passage": 1e3 * statistics.median(per_passage)})
+            rows.append({"method": "llmlingua", "label": name, "mode": "rag", "rate": args.rate,
+                         "gold_sentence_recall": gold / len(test), "answer_recall": answer / len(test),
+                         "char_compression": 1 - ca / cb, **summarize(per_passage).as_dict("prune_ms_per_passage")})
             print(rows[-1], flush=True)
-    report = {
-        "info": {"machine": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                 "load_average": os.getloadavg(), "torch": torch.__version__, "transformers": transformers.__version__,
-                 "llmlingua": getattr(llmlingua, "__version__", "0.2.2"),
-                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "compressor_lm": "random LlamaForCausalLM hidden 256, 4 layers, BPE vocab 4000 (scores are noise)"},
-        "dataset": {"split": "test", "seed": 1, "questions": len(test)},
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    meta = {**report.environment("cpu"), "transformers": transformers.__version__,
+            "llmlingua": getattr(llmlingua, "__version__", "0.2.2"),
+            "compressor_lm": "random LlamaForCausalLM hidden 256, 4 layers, BPE vocab 4000 (scores are noise)",
+            "dataset": {"split": "test", "seed": 1, "questions": len(test)}, "parameters": vars(args)}
+    report.write_json(args.out, meta, rows)
 
 
 if __name__ == "__main__":

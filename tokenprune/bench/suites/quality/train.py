@@ -22,7 +22,7 @@ The output directory holds the checkpoint in the classic llava-hf layout (safete
 BPE trained here with ``tokenizers``), a ``LlavaProcessor`` and ``training.json`` (settings, timings,
 loss log)::
 
-    python -m benchmarks.quality.train --out benchmarks/quality/model
+    python -m tokenprune.bench.suites.quality.train --out tokenprune/bench/suites/quality/model
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.quality import data
+from tokenprune.bench.suites.quality import data
 
 NUM_IMAGE_TOKENS = (data.IMAGE_SIZE // 14) ** 2  # 576
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]

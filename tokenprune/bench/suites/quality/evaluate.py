@@ -1,20 +1,25 @@
 """What pruning costs in answers: accuracy of every visual method on the quality harness's model.
 
-For the shipped model (:mod:`benchmarks.quality.train`) and a fixed test split of
-:mod:`benchmarks.quality.data`, this runs the unpruned model, then every registered method whose
-stage is ``"visual"`` or ``"llm"`` (``tp.available_methods()``, so methods that land later are picked
-up by name) at keep = 192, 128, 64, 32 of the 576 image tokens, methods with a ``layer`` field
-(FastV) at several layers, each through ``tp.patch(model, method)`` exactly as users run it.
+For the shipped model (:mod:`tokenprune.bench.suites.quality.train`) and a fixed test split of
+:mod:`tokenprune.bench.suites.quality.data`, this runs the unpruned model, then every method of
+:func:`evaluated_methods` — every registered method whose stage is ``"visual"`` or ``"llm"``
+(``tp.available_methods()``, so methods that land later are picked up by name; :data:`METHOD_ARGS`
+gives one fixed arguments if it needs any) — at keep = 192, 128, 64, 32 of the 576 image tokens,
+methods with a ``layer`` field (FastV) at several layers, each through ``tp.patch(model, method)``
+exactly as users run it.
 
 Answers are **generated**: ``model.generate`` greedy (``do_sample=False``), two new tokens; the first
 generated word is the answer (every answer of the closed vocabulary is one token; anything else
 counts as wrong). Reported per configuration: accuracy, retention (accuracy / unpruned accuracy),
-agreement with the unpruned model's answers, accuracy per question type.
+agreement with the unpruned model's answers, accuracy per question type. Rows are written with
+:mod:`tokenprune.bench.report` (``tokenprune-bench report`` reads them back).
 
 A random baseline is always shown: the registered ``random`` method when it exists, otherwise
 :class:`HarnessRandom` below.
 
-    python -m benchmarks.quality.evaluate --n 600 --json benchmarks/results/quality.json \\
+:func:`run` is ``tokenprune-bench quality``; the module's own command line prints the tables too::
+
+    python -m tokenprune.bench.suites.quality.evaluate --n 600 --json benchmarks/results/quality.json \\
         --csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png
 """
 
@@ -22,25 +27,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 import tokenprune as tp
-from benchmarks.quality import data
+from tokenprune.bench.suites.quality import data
+from tokenprune.bench.timing import Stopwatch
 from tokenprune.methods.base import ImageTokens, VisualPruner, get_method_class, resolve_keep
 
+# The shipped checkpoint: package data (pyproject's [tool.setuptools.package-data]), so it is found
+# the same way from a checkout and from an installed wheel (docs/quality.md).
 DEFAULT_MODEL = Path(__file__).parent / "model"
 KEEPS = (192, 128, 64, 32)
 LAYERS = (1, 2, 3)  # for methods with a ``layer`` field (FastV); each must be < num decoder layers
 STAGES = ("visual", "llm")
+# The one table of what the harness evaluates beyond "every registered method of a stage in STAGES,
+# at every keep": method name -> fixed constructor arguments (e.g. a query-aware method's relevance
+# weight). Methods with a ``layer`` field are also swept over ``layers``.
+METHOD_ARGS: dict[str, dict[str, Any]] = {}
 
 
 @dataclass
@@ -75,19 +84,28 @@ def load(model_dir: Path):
     return model, processor
 
 
-def method_configs(num_layers: int, keeps: Iterable[int] = KEEPS, layers: Iterable[int] = LAYERS):
-    """``[(label, method)]`` for every registered visual/in-LLM method, keep and (if any) layer."""
+def evaluated_methods() -> list[str]:
+    """Registered methods the harness evaluates: every one whose stage is in :data:`STAGES`."""
+    return [n for n in tp.available_methods() if get_method_class(n).stage in STAGES]
+
+
+def method_configs(num_layers: int, keeps: Iterable[int] = KEEPS, layers: Iterable[int] = LAYERS,
+                   only: Optional[Sequence[str]] = None) -> list[tuple[str, Any]]:
+    """``[(label, method)]`` for every evaluated method (``only``: those names), keep and (if any)
+    layer; the random baseline (``random`` or :class:`HarnessRandom`) whenever ``only`` allows it."""
     configs = []
-    names = [n for n in tp.available_methods() if get_method_class(n).stage in STAGES]
+    names = evaluated_methods()
     for name in names:
+        if only is not None and name not in only:
+            continue
         cls = get_method_class(name)
         field_names = {f.name for f in dataclasses.fields(cls)}
         sweep = [dict(layer=k) for k in layers if k < num_layers] if "layer" in field_names else [{}]
         for extra in sweep:
             label = name + "".join(f" K={v}" for v in extra.values())
             for keep in keeps:
-                configs.append((label, tp.build(name, keep=keep, **extra)))
-    if "random" not in names:
+                configs.append((label, tp.build(name, keep=keep, **METHOD_ARGS.get(name, {}), **extra)))
+    if "random" not in names and (only is None or "random" in only):
         configs += [("random", HarnessRandom(keep=keep)) for keep in keeps]
     return configs
 
@@ -137,52 +155,63 @@ def score(samples: list[data.Sample], preds: list[str], reference: Optional[list
 def evaluate(model_dir: Path = DEFAULT_MODEL, n: int = 600, seed: int = 0, keeps: Iterable[int] = KEEPS,
              layers: Iterable[int] = LAYERS, batch: int = 16, only: Optional[list[str]] = None,
              progress: bool = True) -> list[dict[str, Any]]:
-    """One row per configuration: the unpruned model first, then every method/keep(/layer)."""
+    """One row per configuration: the unpruned model first (``method`` ``"none"``), then every
+    method/keep(/layer) of :func:`method_configs`."""
     model, processor = load(model_dir)
     samples = data.dataset("test", n, seed=seed)
     batches = prepare(processor, samples, batch)
     num_image_tokens = model.config.image_seq_length
     num_layers = model.config.text_config.num_hidden_layers
 
-    t0 = time.perf_counter()
-    base_preds = answer(model, processor, batches)
+    with Stopwatch() as watch:
+        base_preds = answer(model, processor, batches)
     base = {"method": "none", "keep": num_image_tokens, "layer": None, **score(samples, base_preds, base_preds),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "seconds": round(watch.wall_s, 2)}
     base["retention"] = 1.0
     rows = [base]
-    configs = method_configs(num_layers, keeps, layers)
-    if only:
-        configs = [(label, m) for label, m in configs if label.split()[0] in only]
+    configs = method_configs(num_layers, keeps, layers, only)
     for i, (label, method) in enumerate(configs):
-        t0 = time.perf_counter()
-        preds = answer(model, processor, batches, method)
+        with Stopwatch() as watch:
+            preds = answer(model, processor, batches, method)
         row = {"method": label.split()[0], "keep": method.keep, "layer": getattr(method, "layer", None),
-               **score(samples, preds, base_preds), "seconds": round(time.perf_counter() - t0, 2)}
+               **score(samples, preds, base_preds), "seconds": round(watch.wall_s, 2)}
         row["retention"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
         rows.append(row)
         if progress:
             print(f"[{i + 1}/{len(configs)}] {label:>14} keep={method.keep:<4} acc={row['accuracy']:.3f} "
                   f"ret={_pct(row['retention'])} agree={row['agreement']:.3f} ({row['seconds']:.0f} s)", flush=True)
-    env = environment(model_dir, n, seed)
-    chance = data.majority_accuracy(samples)
+    meta_path = Path(model_dir) / "training.json"
+    training = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    common = {"engine": "hf", "mode": "quality", "random_weights": False, "device": "cpu", "dtype": "float32",
+              "model": "quality-harness" if Path(model_dir) == DEFAULT_MODEL else Path(model_dir).name,
+              "batch_size": batch, "n": n, "test_seed": seed, "model_train_seed": training.get("seed"),
+              "model_train_steps": training.get("steps"), "majority_baseline": data.majority_accuracy(samples)}
     for row in rows:
         row["label"] = row["method"] + (f" K={row['layer']}" if row["layer"] is not None else "")
-        row["majority_baseline"] = chance
-        row.update(env)
+        row.update(common)
     return rows
 
 
-def environment(model_dir: Path, n: int, seed: int) -> dict[str, Any]:
-    import transformers
+def run(model: Optional[str], methods: Optional[list[str]], keeps: Sequence[int], layers: Sequence[int],
+        samples: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
+    """``tokenprune-bench quality``: :func:`evaluate` on the shipped model or the harness checkpoint
+    directory ``model``, ``methods`` (names among :func:`evaluated_methods`; default all) plus the
+    random baseline. Rows (unpruned first, ``method`` ``"none"``): ``method``, ``label``, ``keep``,
+    ``layer``, ``accuracy``, ``retention`` (accuracy / unpruned accuracy), ``agreement`` (answers
+    equal to the unpruned model's), ``acc_<question type>``, ``majority_baseline``, ``seconds``.
 
-    meta_path = Path(model_dir) / "training.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return {
-        "n": n, "test_seed": seed, "model_train_seed": meta.get("seed"), "model_train_steps": meta.get("steps"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "tokenprune": tp.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-    }
+    Raises:
+        ValueError: ``model`` is not a directory, or a name of ``methods`` is not evaluated here.
+    """
+    if model is not None and not Path(model).is_dir():
+        raise ValueError(f"--model must be a checkpoint directory of the quality harness, got {model!r}")
+    if methods is not None:
+        valid = evaluated_methods()
+        if not methods or any(m not in valid for m in methods):
+            raise ValueError(f"--methods must be names among {', '.join(valid)}, got {','.join(methods)!r}")
+    only = None if methods is None else [*methods, *(["random"] if "random" not in methods else [])]
+    return evaluate(DEFAULT_MODEL if model is None else Path(model), n=samples, seed=seed, keeps=tuple(keeps),
+                    layers=tuple(layers), batch=batch_size, only=only, progress=False)
 
 
 def _pct(value: Optional[float]) -> str:
@@ -226,6 +255,7 @@ def versus_random(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Retention against keep, one line per method, random and majority-answer baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,21 +280,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    import csv
-
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
+    from tokenprune.bench import report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--n", type=int, default=600, help="test questions (one per scene)")
@@ -283,10 +306,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods)
     print(table(rows))
     print(versus_random(rows))
+    meta = {**report.environment("cpu"), "subcommand": "quality", "parameters": {k: str(v) if isinstance(v, Path)
+                                                                                  else v for k, v in vars(args).items()}}
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        report.write_json(args.json, meta, rows)
     if args.csv:
-        write_csv(rows, args.csv)
+        report.write_csv(args.csv, meta, rows)
     if args.plot:
         plot(rows, args.plot)
 

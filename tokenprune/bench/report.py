@@ -345,10 +345,8 @@ def plot_results(
     Methods measured at a single keep become points; a ``quality`` column, when present, is drawn
     on a second axis.
     """
-    if rows and rows[0].get("mode") == "quality":  # retention vs keep: the quality harness's own plot
-        from tokenprune.bench.suites.quality.evaluate import plot
-
-        plot(list(rows), Path(path))
+    if rows and rows[0].get("mode") == "quality":
+        plot_retention(rows, path)
         return
     import matplotlib
 
@@ -402,6 +400,38 @@ def plot_results(
         h2, l2 = ax_q.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, fontsize=8, loc="best")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_retention(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Quality rows (the quality harness): accuracy retention against keep, one line per method, with
+    the random and majority-answer baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in rows[1:]):
+        pts = sorted((r["keep"], 100 * (r["retention"] or 0.0)) for r in rows[1:] if r["label"] == label)
+        style = dict(color="black", linestyle="--", linewidth=2) if label == "random" else {}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
+    ax.axhline(100, color="grey", linewidth=0.8)
+    if base["accuracy"]:
+        ax.axhline(100 * base["majority_baseline"] / base["accuracy"], color="grey", linestyle=":",
+                   label="majority answer (no image)")
+    ax.set_xscale("log", base=2)
+    keeps = sorted({r["keep"] for r in rows[1:]})
+    ax.set_xticks(keeps, [str(k) for k in keeps])
+    ax.set_xlabel(f"visual tokens kept (of {base['keep']})")
+    ax.set_ylabel("accuracy retention (% of unpruned)")
+    ax.set_title(f"Quality harness: unpruned accuracy {base['accuracy']:.3f}, n={base['n']}")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -254,37 +254,6 @@ def versus_random(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Retention against keep, one line per method, random and majority-answer baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = rows[0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in rows[1:]):
-        pts = sorted((r["keep"], 100 * (r["retention"] or 0.0)) for r in rows[1:] if r["label"] == label)
-        style = dict(color="black", linestyle="--", linewidth=2) if label == "random" else {}
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
-    ax.axhline(100, color="grey", linewidth=0.8)
-    if base["accuracy"]:
-        ax.axhline(100 * base["majority_baseline"] / base["accuracy"], color="grey", linestyle=":",
-                   label="majority answer (no image)")
-    ax.set_xscale("log", base=2)
-    keeps = sorted({r["keep"] for r in rows[1:]})
-    ax.set_xticks(keeps, [str(k) for k in keeps])
-    ax.set_xlabel(f"visual tokens kept (of {base['keep']})")
-    ax.set_ylabel("accuracy retention (% of unpruned)")
-    ax.set_title(f"Quality harness: unpruned accuracy {base['accuracy']:.3f}, n={base['n']}")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     from tokenprune.bench import report
 
@@ -313,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.csv:
         report.write_csv(args.csv, meta, rows)
     if args.plot:
-        plot(rows, args.plot)
+        report.plot_retention(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Quality harness (docs/quality.md): retrain the shipped model, then measure every visual method.
+# Both rewrite committed files on purpose, hence --force (without it the suites refuse to overwrite).
 QUALITY_MODEL ?= tokenprune/bench/suites/quality/model
 .PHONY: quality-model quality
 quality-model: $(VENV)/.installed
-	$(PY) -m tokenprune.bench.suites.quality.train --out $(QUALITY_MODEL)
+	$(PY) -m tokenprune.bench.suites.quality.train --out $(QUALITY_MODEL) --force
 
 quality: $(VENV)/.installed
 	$(PY) -m tokenprune.bench.suites.quality.evaluate --model $(QUALITY_MODEL) --json benchmarks/results/quality.json \
-		--csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png
+		--csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png --force

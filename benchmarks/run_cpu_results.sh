@@ -3,7 +3,8 @@
 # latency (baseline vs DivPrune vs FastV) on the tiny and medium presets, and keep sweeps with plots;
 # speculative decoding (DraftTree vs greedy vs HF prompt lookup) and RAG context pruning on their tiny models.
 # Every file records machine, versions, git commit and parameters; the summary tables for the README
-# are written to benchmarks/results/cpu/summary.md.
+# are written to benchmarks/results/cpu/summary.md. It rewrites those committed files on purpose, so every
+# command passes --force (tokenprune-bench refuses to overwrite an existing file without it).
 #
 #   bash benchmarks/run_cpu_results.sh              # python from $PYTHON, else .venv, else python3
 #   THREADS=1 bash benchmarks/run_cpu_results.sh    # pin torch threads (steadier on a shared machine)
@@ -13,7 +14,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 OUT=benchmarks/results/cpu
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-COMMON=(--device cpu)
+COMMON=(--device cpu --force)
 [ -n "${THREADS:-}" ] && COMMON+=(--threads "$THREADS")
 bench() { PYTHONPATH=. "$PY" -m tokenprune.bench "$@"; }
 
@@ -31,5 +32,5 @@ bench --mode rag --model tiny --reps 3 "${COMMON[@]}" --json "$OUT/rag_tiny.json
 
 bench report "$OUT/tiny-llava_latency.json" "$OUT/medium-llava_latency.json" \
   "$OUT/tiny-llava_sweep.json" "$OUT/medium-llava_sweep.json" "$OUT/spec_tiny.json" "$OUT/rag_tiny.json" \
-  --markdown "$OUT/summary.md" --quiet
+  --markdown "$OUT/summary.md" --quiet --force
 echo "results in $OUT"

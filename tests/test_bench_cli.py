@@ -438,6 +438,7 @@ def test_suite_runners_pass_the_config(monkeypatch, tmp_path, capsys):
     code, _, err = _run(capsys, "--engine", "vllm", "--methods", "fastv", "--quiet")
     assert code == 2 and "visual methods" in err
 
+    path = tmp_path / "t.json"
     code, _, err = _run(capsys, "--mode", "text", "--model", "tiny", "--methods", "divprune:keep=4",
                         "--prompt-tokens", "512", "--new-tokens", "4", "--json", str(path), "--quiet")
     assert code == 0, err

@@ -9,7 +9,9 @@
 
 Methods are written ``name[:param=value...]`` and separated by commas. Every run measures the
 baseline and the methods interleaved (see :mod:`tokenprune.bench.timing`). Bad input (unknown
-preset or method, keep out of range, engine not installed) prints one line and exits with code 2.
+preset or method, keep out of range, engine not installed) prints one line and exits with code 2;
+so does an output path that cannot be written, collides with another output or an input, or
+names an existing file without ``--force`` (checked before anything is measured).
 """
 
 from __future__ import annotations
@@ -179,9 +181,13 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 
 def _add_output_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", help="write results (with machine, versions, parameters) as JSON")
-    p.add_argument("--csv", metavar="PATH", help="write results as CSV")
-    p.add_argument("--plot", metavar="PNG", help="plot TTFT speedup against keep (matplotlib)")
+    from tokenprune.bench import report
+
+    p.add_argument("--json", metavar="PATH", help="write results (with machine, versions, parameters) as JSON "
+                   "(PATH ends in .json)")
+    p.add_argument("--csv", metavar="PATH", help="write results as CSV (PATH ends in .csv)")
+    p.add_argument("--plot", metavar="PNG", help="plot TTFT speedup against keep (matplotlib; .png, .pdf, .svg...)")
+    report.add_force_argument(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no table, no progress bar")
 
 
@@ -239,8 +245,16 @@ def _emit(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, A
     _write_outputs(args, meta, rows)
 
 
+def _check_outputs(args: argparse.Namespace, inputs: Sequence[str] = ()) -> None:
+    """Every output of the command checked before it measures or reads anything (see ``report.check_outputs``)."""
+    from tokenprune.bench import report
+
+    report.check_outputs([("--json", args.json, "json"), ("--csv", args.csv, "csv"), ("--plot", args.plot, "plot"),
+                          ("--markdown", getattr(args, "markdown", None), "file")], inputs=inputs, force=args.force)
+
+
 def _write_outputs(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """``--json`` / ``--csv`` / ``--plot`` of a run or a report."""
+    """``--json`` / ``--csv`` / ``--plot`` of a run or a report (paths checked by :func:`_check_outputs`)."""
     from tokenprune.bench import report
 
     if args.json:
@@ -254,6 +268,7 @@ def _write_outputs(args: argparse.Namespace, meta: dict[str, Any], rows: list[di
 def _run(args: argparse.Namespace) -> None:
     import torch
 
+    _check_outputs(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(_resolve_threads(args.threads))
     try:
@@ -275,6 +290,8 @@ def _measure(args: argparse.Namespace) -> None:
         spec = DEFAULT_METHODS[default_mode]
     methods = parse_methods(spec, keep)
     mode = resolve_mode(args.mode, [m for _, m in methods])
+    if args.plot:
+        report.check_plottable(mode)
     runner = load_runner(args.engine, mode)
     config = BenchConfig(
         model=args.model, methods=methods, engine=args.engine, mode=mode, device=args.device, dtype=args.dtype,
@@ -301,6 +318,7 @@ def _quality(args: argparse.Namespace) -> None:
     from tokenprune.bench import report
     from tokenprune.bench.suites.quality.evaluate import run as run_quality
 
+    _check_outputs(args)
     keeps, layers = _int_list("--keep", args.keep), _int_list("--layers", args.layers)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     threads = torch.get_num_threads()
@@ -341,6 +359,7 @@ def _models(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from tokenprune.bench import report
 
+    _check_outputs(args, inputs=args.files)
     all_rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {}
     markdown = []
@@ -354,9 +373,7 @@ def _report(args: argparse.Namespace) -> None:
         markdown.append(report.markdown_table(rows, meta))
         all_rows += rows
     if args.markdown:
-        from pathlib import Path
-
-        Path(args.markdown).write_text("\n".join(markdown))
+        report.write_text(args.markdown, "\n".join(markdown))
     _write_outputs(args, meta, all_rows)
 
 

@@ -3,6 +3,11 @@
 Results files hold ``{"meta": {...}, "results": [row, ...]}`` (JSON) or one row per line with the
 metadata repeated in ``meta_*`` columns (CSV); :func:`load_results` reads both back, so
 ``tokenprune-bench report`` can redraw tables and plots from committed results.
+
+Every entry point that writes files (the CLI's subcommands and the suites' own command lines)
+calls :func:`check_outputs` on all its output paths before it measures anything, so a path that
+cannot be written, two outputs on one file, an output over an input or over an existing file
+(without ``--force``) is refused in one line instead of losing or destroying results.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["environment", "write_json", "write_csv", "load_results", "wide_console", "print_table", "markdown_table",
-           "plot_results", "RANDOM_WEIGHTS_NOTE"]
+__all__ = ["environment", "write_json", "write_csv", "write_text", "load_results", "wide_console", "print_table",
+           "markdown_table", "plot_results", "check_plottable", "UNPLOTTABLE_MODES", "check_outputs",
+           "check_outputs_or_exit", "add_force_argument", "OutputPathError", "OUTPUT_KINDS", "RANDOM_WEIGHTS_NOTE"]
 
 RANDOM_WEIGHTS_NOTE = ("random weights: latency and token counts are real, output quality is meaningless "
                        "(use a trained checkpoint path for quality)")
@@ -90,9 +97,151 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return meta
 
 
+# ----------------------------------------------------------------------------------------- output paths
+#: kind of output -> the extensions its path must have: ``json``/``csv`` results (``load_results``
+#: tells them apart by extension), ``plot`` (any format matplotlib writes), ``file`` (any name) and
+#: ``directory`` (a checkpoint directory, written file by file).
+OUTPUT_KINDS: dict[str, Optional[tuple[str, ...]]] = {
+    "json": (".json",), "csv": (".csv",), "plot": None, "file": None, "directory": None}
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot, or must not, be written (one line, exit code 2)."""
+
+
+def _plot_extensions() -> tuple[str, ...]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes())
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file: equal once resolved (``./a.json``, symbolic links), or hard links."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """``path`` (a file or directory that does not exist yet) can be created: its nearest existing
+    ancestor is a directory in which a file can be created (missing directories are made at write time)."""
+    ancestor = path.absolute().parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{flag}: cannot create {str(path)!r}: {str(ancestor)!r} is not a directory")
+    try:  # try it: permission bits do not tell root, read-only mounts or /proc apart
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"{flag}: cannot create {str(path)!r}: {str(ancestor)!r} is not writable "
+                              f"(creating a file there failed: {exc.strerror or exc})") from None
+
+
+def _check_output(flag: str, path: Path, kind: str, force: bool) -> None:
+    shown = repr(str(path))
+    if kind == "directory":
+        if os.path.lexists(path) and not path.is_dir():
+            raise OutputPathError(f"{flag}: {shown} exists and is not a directory")
+        if not path.is_dir():
+            _check_writable(flag, path)
+        elif any(path.iterdir()) and not force:
+            raise OutputPathError(f"{flag}: directory {shown} is not empty; pass --force to write into it "
+                                  "(files of the same name are replaced)")
+        else:
+            _check_writable(flag, path / "file")  # a file can be created in it
+        return
+    if path.is_dir():
+        raise OutputPathError(f"{flag}: {shown} is a directory; give a file name")
+    if kind == "plot" and path.suffix.lower() not in _plot_extensions():
+        raise OutputPathError(f"{flag}: {shown} has no image extension matplotlib writes (.png, .pdf, .svg, ...)")
+    extensions = OUTPUT_KINDS[kind]
+    if extensions is not None and path.suffix.lower() not in extensions:
+        raise OutputPathError(f"{flag}: {shown} must end in {' or '.join(extensions)} "
+                              "(tokenprune-bench report reads results back by extension)")
+    if not os.path.lexists(path):
+        _check_writable(flag, path)
+    elif not force:
+        raise OutputPathError(f"{flag}: {shown} exists; pass --force to overwrite it")
+    else:
+        try:
+            open(path, "ab").close()  # writable, without changing it
+        except OSError as exc:
+            raise OutputPathError(f"{flag}: cannot overwrite {shown} ({exc.strerror or exc})") from None
+
+
+def check_outputs(
+    outputs: Iterable[tuple[str, Optional[str | os.PathLike], str]],
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+) -> None:
+    """Refuse, before anything is measured, every output that would fail or destroy data.
+
+    Args:
+        outputs: ``(flag, path, kind)`` per output; ``path`` None (flag not given) is skipped;
+            ``kind`` one of :data:`OUTPUT_KINDS`. ``flag`` names the output in messages.
+        inputs: files the command reads; no output may be one of them, even with ``force``.
+        force: overwrite existing files (and write into non-empty ``directory`` outputs).
+
+    Refused, in this order per output: an empty path; the same file as an earlier output or an
+    input (paths compared resolved: ``./a.json``, ``a.json``, symbolic and hard links); a
+    directory where a file goes (and a file where a directory goes); a wrong extension; a path
+    whose nearest existing ancestor is not a directory or not writable (missing parent
+    directories are fine: the writers create them); an existing file (a non-empty directory)
+    without ``force``.
+
+    Raises:
+        OutputPathError: (a ``ValueError``) one line naming the flag and the path.
+    """
+    done: list[tuple[str, Path]] = []
+    read = [Path(p) for p in inputs]
+    for flag, path, kind in outputs:
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(OUTPUT_KINDS)}")
+        if path is None:
+            continue
+        if not str(path):
+            raise OutputPathError(f"{flag}: empty path")
+        p = Path(path)
+        for other_flag, other in done:
+            if _same_file(p, other):
+                raise OutputPathError(f"{other_flag} and {flag} both write {str(path)!r}")
+        if any(_same_file(p, i) for i in read):
+            raise OutputPathError(f"{flag}: {str(path)!r} is also an input file; write the output elsewhere")
+        _check_output(flag, p, kind, force)
+        done.append((flag, p))
+
+
+def add_force_argument(parser: Any) -> None:
+    """``--force`` on an argparse parser: the one switch that lets :func:`check_outputs` overwrite."""
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing output files (without it, an existing output is refused)")
+
+
+def check_outputs_or_exit(
+    parser: Any,
+    outputs: Iterable[tuple[str, Optional[str | os.PathLike], str]],
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+) -> None:
+    """:func:`check_outputs` for a suite's own command line: a refusal ends the program with one
+    line on stderr and exit code 2, as argparse does for bad arguments."""
+    try:
+        check_outputs(outputs, inputs, force)
+    except OutputPathError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
 # ----------------------------------------------------------------------------------------- files
-def write_json(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def _make_parent(path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    _make_parent(path)
     Path(path).write_text(json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
 
 
@@ -104,11 +253,17 @@ def write_csv(path: str | os.PathLike, meta: dict[str, Any], rows: list[dict[str
     columns: list[str] = []
     for row in flat:
         columns += [k for k in row if k not in columns]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Markdown tables and other text outputs."""
+    _make_parent(path)
+    Path(path).write_text(text)
 
 
 def _parse_cell(value: str) -> Any:
@@ -336,6 +491,20 @@ def _visual_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- plots
+#: modes whose rows have no keep to draw a speedup against (:func:`plot_results` refuses them).
+UNPLOTTABLE_MODES = ("spec", "rag", "kernels")
+
+
+def check_plottable(mode: Any) -> None:
+    """Refuse ``--plot`` for a mode whose rows :func:`plot_results` cannot draw (callable before measuring).
+
+    Raises:
+        ValueError: ``mode`` is one of :data:`UNPLOTTABLE_MODES`.
+    """
+    if mode in UNPLOTTABLE_MODES:
+        raise ValueError(f"--plot draws speedup against keep; {mode} mode rows have no keep")
+
+
 def plot_results(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike, meta: Optional[dict[str, Any]] = None
 ) -> None:
@@ -345,6 +514,8 @@ def plot_results(
     Methods measured at a single keep become points; a ``quality`` column, when present, is drawn
     on a second axis.
     """
+    if rows:
+        check_plottable(rows[0].get("mode"))
     if rows and rows[0].get("mode") == "quality":
         plot_retention(rows, path)
         return

@@ -142,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default=None,
                         help="CSV path (default benchmarks/results/kernels_<device>_<threads>_<clock>_<date>.csv)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -158,13 +159,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     clock = "wall" if args.device == "cuda" else args.clock
     meta = {**report.environment(args.device), "clock": clock, "timer": "triton.testing.do_bench"
             if args.device == "cuda" else f"time_interleaved, median of {args.repeats} rounds", "parameters": vars(args)}
+    tag = f"{clock}clock" if args.device == "cuda" else f"{torch.get_num_threads()}threads_{clock}clock"
+    out = args.out or os.path.join("benchmarks", "results", f"kernels_{args.device}_{tag}_{meta['date'][:10]}.csv")
+    report.check_outputs_or_exit(parser, [("--out", out, "csv"), ("--json", args.json, "json")], force=args.force)
     rows = (bench_mmdp(args.device, args.repeats, clock, mmdp_shapes)
             + bench_attention(args.device, args.repeats, clock, attn_shapes))
     for r in rows:
         r.update(model="tokenprune.kernels", device=args.device)
     report.print_table(rows, meta, title=f"kernels ({clock} clock, load {meta['load_avg_1m']})")
-    tag = f"{clock}clock" if args.device == "cuda" else f"{torch.get_num_threads()}threads_{clock}clock"
-    out = args.out or os.path.join("benchmarks", "results", f"kernels_{args.device}_{tag}_{meta['date'][:10]}.csv")
     report.write_csv(out, meta, rows)
     if args.json:
         report.write_json(args.json, meta, rows)

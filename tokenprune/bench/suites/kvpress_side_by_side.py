@@ -4,9 +4,9 @@ kvpress needs transformers < 5.3, so it runs in its own environment (see docs/te
 from the root of a checkout (``-m`` puts the working directory on the path):
 
     # 1. in the kvpress venv: baseline vs kvpress SnapKV, interleaved; kept indices of prompt 0
-    /tmp/kvpress_venv/bin/python -m tokenprune.bench.suites.kvpress_side_by_side run --model-path /tmp/tp_medium
+    /tmp/kvpress_venv/bin/python -m tokenprune.bench.suites.kvpress_side_by_side run --model-path /tmp/tp_medium --force
     # 2. in the tokenprune env: our SnapKV's selection on prompt 0 against kvpress's
-    python -m tokenprune.bench.suites.kvpress_side_by_side compare --model-path /tmp/tp_medium
+    python -m tokenprune.bench.suites.kvpress_side_by_side compare --model-path /tmp/tp_medium --force
 
 The model is the text suite's preset saved with ``save_pretrained``
 (``python -m tokenprune.bench.suites.text --model-path``); prompts come from the same seeded
@@ -98,8 +98,8 @@ def run_kvpress(args) -> None:
     meta = {**report.environment("cpu"), "kvpress": version("kvpress"), "transformers": transformers.__version__,
             "parameters": vars(args)}
     report.print_table(rows, meta, title=engine)
-    report.write_json(RESULTS / "kvpress_snapkv.json", meta, rows)
-    report.write_csv(RESULTS / "kvpress_snapkv.csv", meta, rows)
+    report.write_json(Path(args.results_dir) / "kvpress_snapkv.json", meta, rows)
+    report.write_csv(Path(args.results_dir) / "kvpress_snapkv.csv", meta, rows)
 
 
 def compare(args) -> None:
@@ -129,10 +129,24 @@ def compare(args) -> None:
                             "greedy_continuation_identical": bool(torch.equal(tokens, saved["tokens"])),
                             "continuation_tokens_equal": float((tokens == saved["tokens"]).double().mean())}
         print(length, out[str(length)])
-    (RESULTS / "kvpress_snapkv_selection.json").write_text(json.dumps({**out, **report.environment("cpu")}, indent=2))
+    report.write_text(Path(args.results_dir) / "kvpress_snapkv_selection.json",
+                      json.dumps({**out, **report.environment("cpu")}, indent=2))
+
+
+def outputs(args) -> tuple[list[tuple[str, Path, str]], list[Path]]:
+    """``(outputs, inputs)`` of a step, for :func:`tokenprune.bench.report.check_outputs`."""
+    results, model = Path(args.results_dir), Path(args.model_path)
+    kept = [model / f"kvpress_kept_L{length}.pt" for length in args.lengths]
+    if args.mode == "run":
+        return ([("--results-dir", results / "kvpress_snapkv.json", "json"),
+                 ("--results-dir", results / "kvpress_snapkv.csv", "csv")]
+                + [("--model-path", path, "file") for path in kept]), []
+    return [("--results-dir", results / "kvpress_snapkv_selection.json", "json")], kept
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tokenprune.bench import report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["run", "compare"])
     parser.add_argument("--model-path", required=True)
@@ -142,7 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--kernel", type=int, default=5)
+    parser.add_argument("--results-dir", default=str(RESULTS),
+                        help="where the JSON/CSV go (default: $TOKENPRUNE_RESULTS or benchmarks/results)")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    written, read = outputs(args)
+    report.check_outputs_or_exit(parser, written, inputs=read, force=args.force)
     (run_kvpress if args.mode == "run" else compare)(args)
 
 

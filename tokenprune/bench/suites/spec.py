@@ -20,8 +20,9 @@ Transformers' own prompt-lookup decoding (``prompt_lookup_num_tokens``) runs on 
 :func:`run` is the ``tokenprune-bench --mode spec`` runner; the full study (both decoding modes,
 every configuration of :data:`DEFAULT_CONFIGS`) writes a CSV::
 
-    python -m tokenprune.bench.suites.spec [--out benchmarks/results/spec_tree_cpu.csv] [--tokens 64] [--repeats 3]
-    python -m tokenprune.bench.suites.spec --preset medium --out benchmarks/results/spec_tree_cpu_medium.csv
+    python -m tokenprune.bench.suites.spec [--out benchmarks/results/spec_tree_cpu.csv] [--tokens 64] [--repeats 3] \\
+        [--force]
+    python -m tokenprune.bench.suites.spec --preset medium --out benchmarks/results/spec_tree_cpu_medium.csv --force
 """
 
 from __future__ import annotations
@@ -328,7 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--preset", default="tiny", choices=["tiny", "medium"], help="trained target model size")
     parser.add_argument("--configs", default=None, help="comma-separated config labels (default: all)")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenprune"))
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    report.check_outputs_or_exit(parser, [("--out", args.out, "csv"), ("--json", args.json, "json")], force=args.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     configs = None
     if args.configs:

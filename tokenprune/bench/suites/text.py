@@ -24,7 +24,7 @@ which therefore say how much the pruning perturbs *this* model, not task accurac
 :func:`measure` is the measurement (the kvpress side by side runs it with kvpress's press),
 :func:`run_text_benchmark` runs it on a preset, :func:`run` is the ``tokenprune-bench --mode text``
 runner, and ``python -m tokenprune.bench.suites.text --preset medium`` writes JSON/CSV under
-``benchmarks/results/``.
+``benchmarks/results/`` (``--force`` to replace existing files).
 """
 
 from __future__ import annotations
@@ -261,7 +261,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--model-path", help="save/load the preset model here (shared with the kvpress run)")
     parser.add_argument("--out", default=None, help="results stem (default benchmarks/results/text_<preset>)")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    out = Path(args.out or Path("benchmarks") / "results" / f"text_{args.preset}")
+    # --model-path is read when it holds a saved model, else the model is saved there (an output).
+    saves = args.model_path is not None and not (Path(args.model_path) / "config.json").exists()
+    report.check_outputs_or_exit(parser, [("--out", out.with_suffix(".json"), "json"),
+                                          ("--out", out.with_suffix(".csv"), "csv"),
+                                          ("--model-path", args.model_path if saves else None, "directory")],
+                                 force=args.force)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_text_benchmark(args.preset, args.lengths, reps=args.reps, new_tokens=args.new_tokens,
@@ -271,7 +279,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["model"] = args.preset
     meta = {**report.environment(rows[0]["device"]), "parameters": vars(args)}
     report.print_table(rows, meta, title=f"text suite: {args.preset}")
-    out = Path(args.out or Path("benchmarks") / "results" / f"text_{args.preset}")
     report.write_json(out.with_suffix(".json"), meta, rows)
     report.write_csv(out.with_suffix(".csv"), meta, rows)
     print(f"wrote {out.with_suffix('.json')} and .csv")

@@ -1,7 +1,8 @@
 """Every visual pruning method on tiny offline LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL fixtures: tokens
 reaching the decoder and time-to-first-token ratios (HF generate, CPU, one thread by default).
 
-    python -m tokenprune.bench.suites.visual_methods [--reps 5] [--keep 64] [--out benchmarks/results/visual_methods_cpu]
+    python -m tokenprune.bench.suites.visual_methods [--reps 5] [--keep 64] \\
+        [--out benchmarks/results/visual_methods_cpu] [--force]
 
 Each fixture is saved to a temporary directory and measured by the ``tokenprune-bench`` visual
 runner (:func:`tokenprune.bench.suites.hf_visual.run`, i.e. ``tokenprune-bench latency --model
@@ -81,13 +82,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/visual_methods_cpu", help="results stem (.json, .csv)")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    report.check_outputs_or_exit(parser, [("--out", out.with_suffix(".json"), "json"),
+                                          ("--out", out.with_suffix(".csv"), "csv")], force=args.force)
     torch.set_num_threads(args.threads)
     rows = run_visual_methods(args.keep, args.reps, args.warmup)
     meta = {**report.environment("cpu"), "parameters": vars(args)}
     for model in dict.fromkeys(r["model"] for r in rows):
         report.print_table([r for r in rows if r["model"] == model], meta, title=model)
-    out = Path(args.out)
     report.write_json(out.with_suffix(".json"), meta, rows)
     report.write_csv(out.with_suffix(".csv"), meta, rows)
 

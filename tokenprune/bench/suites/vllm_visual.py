@@ -24,7 +24,7 @@ achieved (``ratio_to_ideal``).
 Usage (CPU, tiny and medium presets, results to CSV)::
 
     python -m tokenprune.bench.suites.vllm_visual --presets tiny medium --keep 64 --trials 5 \\
-        --csv benchmarks/results/vllm_cpu.csv
+        --csv benchmarks/results/vllm_cpu.csv --force
 
 ``run_vllm_benchmark(...)`` returns the rows; :func:`run` is the ``tokenprune-bench --engine vllm``
 runner over it.
@@ -239,7 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--csv", default=None, help="write the rows as CSV here")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    report.check_outputs_or_exit(parser, [("--csv", args.csv, "csv"), ("--json", args.json, "json")], force=args.force)
     rows = run_vllm_benchmark(args.presets, args.keep, args.method, args.trials, args.batch, args.max_tokens,
                               args.cache_dir, args.warmup)
     meta = {**report.environment(rows[0]["device"]), "parameters": vars(args)}

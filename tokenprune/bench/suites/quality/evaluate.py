@@ -20,7 +20,7 @@ A random baseline is always shown: the registered ``random`` method when it exis
 :func:`run` is ``tokenprune-bench quality``; the module's own command line prints the tables too::
 
     python -m tokenprune.bench.suites.quality.evaluate --n 600 --json benchmarks/results/quality.json \\
-        --csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png
+        --csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png --force
 """
 
 from __future__ import annotations
@@ -269,7 +269,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write rows as JSON here")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="retention vs keep (PNG)")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    report.check_outputs_or_exit(parser, [("--json", args.json, "json"), ("--csv", args.csv, "csv"),
+                                          ("--plot", args.plot, "plot")], force=args.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods)

@@ -22,7 +22,9 @@ The output directory holds the checkpoint in the classic llava-hf layout (safete
 BPE trained here with ``tokenizers``), a ``LlavaProcessor`` and ``training.json`` (settings, timings,
 loss log)::
 
-    python -m tokenprune.bench.suites.quality.train --out tokenprune/bench/suites/quality/model
+    python -m tokenprune.bench.suites.quality.train --out tokenprune/bench/suites/quality/model --force
+
+(``--force``: the directory holds the shipped checkpoint; without it a non-empty ``--out`` is refused.)
 """
 
 from __future__ import annotations
@@ -578,6 +580,8 @@ def train(out: Path, seed: int = 0, vision_steps: int = 300, vision_batch: int =
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tokenprune.bench import report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
     parser.add_argument("--seed", type=int, default=0)
@@ -598,7 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--text-heads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="1 keeps runs bit-reproducible")
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    # The default --out is the shipped checkpoint: replacing it (make quality-model) takes --force.
+    report.check_outputs_or_exit(parser, [("--out", args.out, "directory")], force=args.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = train(args.out, seed=args.seed, vision_steps=args.vision_steps, pool=args.pool, steps=args.steps,
                  batch=args.batch, turns=args.turns, lr=args.lr, prune_p=args.prune_p, attention_weight=args.attention_weight,

@@ -8,7 +8,7 @@ report writer):
     python3 -m venv /tmp/llmlingua_venv
     /tmp/llmlingua_venv/bin/pip install torch==2.13.0 llmlingua "transformers<4.50"
     /tmp/llmlingua_venv/bin/python -m tokenprune.bench.suites.rag.llmlingua_side \
-        --out benchmarks/results/rag_llmlingua.json
+        --out benchmarks/results/rag_llmlingua.json --force
 
 Offline adaptations, both outside llmlingua's code:
 
@@ -74,7 +74,9 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--rate", type=float, default=0.35, help="kept fraction (0.35 = 65%% compression)")
     ap.add_argument("--out", default="benchmarks/results/rag_llmlingua.json")
+    report.add_force_argument(ap)
     args = ap.parse_args(argv)
+    report.check_outputs_or_exit(ap, [("--out", args.out, "json")], force=args.force)
 
     import tiktoken
     import transformers

@@ -2,7 +2,7 @@
 threshold on the synthetic set of :mod:`~tokenprune.bench.suites.rag.dataset`, and the TTFT effect
 of pruned prompts.
 
-    HF_HUB_OFFLINE=1 python -m tokenprune.bench.suites.rag.run     # ~15-30 min on 2 busy CPU cores
+    HF_HUB_OFFLINE=1 python -m tokenprune.bench.suites.rag.run --force    # ~15-30 min on 2 busy CPU cores
 
 :func:`run` is the ``tokenprune-bench --mode rag`` runner (a short version: the given methods on a
 few test questions, recall, compression and TTFT).
@@ -281,8 +281,6 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
 
 
 def main(argv=None):
-    import sentence_transformers
-
     from tokenprune.bench import report
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -297,7 +295,13 @@ def main(argv=None):
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/rag_context",
                     help="results stem: <out>.{json,csv} (recall/compression sweep), <out>_latency.json, <out>_ttft.json")
+    report.add_force_argument(ap)
     args = ap.parse_args(argv)
+    report.check_outputs_or_exit(ap, [("--out", f"{args.out}.json", "json"), ("--out", f"{args.out}.csv", "csv"),
+                                      ("--out", f"{args.out}_latency.json", "json"),
+                                      ("--out", None if args.skip_ttft else f"{args.out}_ttft.json", "json")],
+                                 force=args.force)
+    import sentence_transformers  # slow to import: after the output checks
 
     dev, test = make_split(0, args.n_dev), make_split(1, args.n_test)
     bi = BiEncoderScorer()

@@ -56,7 +56,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from tokenprune.kernels.dpp import dpp_greedy_map
+from tokenprune.kernels import dpp_greedy_map
 from tokenprune.methods.base import ImageTokens, VisualPruner, register
 
 #: ``ImageTokens.extras`` key of the instruction embedding ``[M, D]``.

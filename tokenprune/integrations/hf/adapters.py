@@ -116,6 +116,7 @@ class VisionLanguageAdapter(ModelAdapter):
         "video_token_index",
         "vision_start_token_id",
         "vision_end_token_id",
+        "vision_token_id",
         "bos_token_id",
         "eos_token_id",
         "pad_token_id",
@@ -149,11 +150,10 @@ class VisionLanguageAdapter(ModelAdapter):
             into. ``M_b`` may be 0. Chat-template words stay in: the adapter cannot tell them
             from the question (OpenVINO GenAI's CDPruner does the same on Qwen-VL).
         """
-        ids = input_ids
-        text = attention_mask.bool() & ~torch.isin(ids, self.layout_token_ids().to(ids.device))
+        text = attention_mask.bool() & ~torch.isin(input_ids, self.layout_token_ids().to(input_ids.device))
         table = self.model.get_input_embeddings()
         with torch.no_grad():  # only ever used to choose tokens
-            return [table(ids[row][text[row]].to(table.weight.device)) for row in range(ids.shape[0])]
+            return [table(row_ids[keep].to(table.weight.device)) for row_ids, keep in zip(input_ids, text)]
 
     def encode_images(self, inputs: dict[str, Any], requires: frozenset[str]) -> list[ImageTokens]:
         """Run the vision tower + projector on ``inputs``; one :class:`ImageTokens` per image, in the

@@ -11,6 +11,7 @@ sentence-transformers are imported lazily by the parts that use them.
 from tokenprune.api import compose, patch, prune
 from tokenprune.api import Compose
 from tokenprune.methods import (
+    CDPruner,
     DivPrune,
     DraftTree,
     FastV,
@@ -53,6 +54,7 @@ __all__ = [
     "InLLMPruner",
     "KVPruner",
     "ImageTokens",
+    "CDPruner",
     "ContextPruner",
     "DivPrune",
     "FastV",

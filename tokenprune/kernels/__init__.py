@@ -5,6 +5,7 @@ implementation is actually chosen.
 """
 
 from tokenprune.kernels.attn_topk import attention_topk
+from tokenprune.kernels.dpp import dpp_greedy_map
 from tokenprune.kernels.mmdp import mmdp_select
 
-__all__ = ["attention_topk", "mmdp_select"]
+__all__ = ["attention_topk", "dpp_greedy_map", "mmdp_select"]

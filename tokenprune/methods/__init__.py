@@ -11,6 +11,7 @@ from tokenprune.methods.base import (
     available_methods,
     build,
 )
+from tokenprune.methods.cdpruner import CDPruner
 from tokenprune.methods.context import ContextPruner
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
@@ -31,6 +32,7 @@ __all__ = [
     "ImageTokens",
     "available_methods",
     "build",
+    "CDPruner",
     "ContextPruner",
     "DivPrune",
     "FastV",

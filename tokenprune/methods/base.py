@@ -160,7 +160,10 @@ class ImageTokens:
         grid: ``(rows, cols)`` of the patch grid when the tokens form one, else ``None``.
         cls_attention: ``[N]`` attention of the vision [CLS] token (or mean query) onto each
             patch at the feature layer, when the adapter provides it.
-        extras: adapter-provided inputs a method declared in ``requires``.
+        extras: adapter-provided inputs a method declared in ``requires``: ``"keys"`` ``[N, d]``,
+            ``"flow_layers"`` (per-layer [CLS] statistics), ``"instruction"`` ``[M, D]`` (the
+            prompt row's text tokens in the decoder's input embedding space, the space of
+            ``features``; every image of a row gets that row's instruction).
         blocks: ``[(start, rows, cols), ...]``: the tokens ``start .. start + rows*cols`` form a
             row-major ``rows x cols`` patch grid. Set by adapters whose images are several grids
             (LLaVA-NeXT: base image + unpadded high-resolution grid); ``None`` means ``grid``.

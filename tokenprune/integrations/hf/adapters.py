@@ -107,10 +107,53 @@ class VisionLanguageAdapter(ModelAdapter):
     token_aligned_keys: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
     #: keyword arguments that pre-LLM pruning cannot combine with (the adapter would mis-place them).
     unsupported_keys: ClassVar[tuple[str, ...]] = ()
+    #: config attributes (top level or ``text_config``) naming tokens that lay the prompt out rather
+    #: than say anything: never part of the instruction (:meth:`instruction_embeddings`).
+    layout_token_keys: ClassVar[tuple[str, ...]] = (
+        "image_token_id",
+        "image_token_index",
+        "video_token_id",
+        "video_token_index",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "vision_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
 
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    def layout_token_ids(self) -> torch.Tensor:
+        """Ids of the image placeholder and of every token named by :attr:`layout_token_keys`."""
+        ids = {self.image_token_id}
+        for source in (self.model.config, getattr(self.model.config, "text_config", None)):
+            for key in self.layout_token_keys:
+                value = getattr(source, key, None) if source is not None else None
+                values = value if isinstance(value, (list, tuple)) else [value]
+                ids.update(int(v) for v in values if isinstance(v, int) and not isinstance(v, bool))
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def instruction_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """The instruction each row's images are pruned for (methods that ``require`` ``"instruction"``).
+
+        Args:
+            input_ids: ``[B, L]`` the caller's (unpruned) prompt.
+            attention_mask: ``[B, L]``; padding is not instruction.
+
+        Returns:
+            One ``[M_b, D]`` tensor per row: the row's text tokens (everything but padding, image
+            placeholders and the layout tokens of :meth:`layout_token_ids`), embedded by the
+            language model's input embedding table, the space the projector maps image tokens
+            into. ``M_b`` may be 0. Chat-template words stay in: the adapter cannot tell them
+            from the question (OpenVINO GenAI's CDPruner does the same on Qwen-VL).
+        """
+        text = attention_mask.bool() & ~torch.isin(input_ids, self.layout_token_ids().to(input_ids.device))
+        table = self.model.get_input_embeddings()
+        with torch.no_grad():  # only ever used to choose tokens
+            return [table(row_ids[keep].to(table.weight.device)) for row_ids, keep in zip(input_ids, text)]
 
     def encode_images(self, inputs: dict[str, Any], requires: frozenset[str]) -> list[ImageTokens]:
         """Run the vision tower + projector on ``inputs``; one :class:`ImageTokens` per image, in the

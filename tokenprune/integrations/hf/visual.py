@@ -4,7 +4,9 @@ The method picks which visual tokens of each image reach the decoder *before* an
 decoded, so the prompt itself gets shorter: ``generate`` (and a direct forward pass) are wrapped to
 
 1. encode the images once (vision tower + projector, through the adapter),
-2. let the method select (and possibly merge) each image's tokens,
+2. let the method select (and possibly merge) each image's tokens (a method that ``requires``
+   ``"instruction"`` also gets the text of the image's row, see
+   :meth:`VisionLanguageAdapter.instruction_embeddings`),
 3. rewrite ``input_ids``/``attention_mask`` so each image keeps exactly as many placeholder
    tokens as the method kept (rows re-padded on the side they were padded on),
 4. hand the selected embeddings to the model as pre-computed encoder outputs.
@@ -95,6 +97,12 @@ def prune_inputs(
         attention_mask = torch.ones_like(input_ids)
     images = adapter.encode_images(image_inputs, method.requires)
     placements = assign_images_to_runs(adapter, input_ids, images)
+    if "instruction" in method.requires:
+        # Each image is pruned for the instruction of the row it sits in.
+        instructions = adapter.instruction_embeddings(input_ids, attention_mask)
+        for row, _, _, image_idx in placements:
+            image = images[image_idx]
+            image.extras = {**(image.extras or {}), "instruction": instructions[row]}
     kept = method.select_batch(images)
     slots = [adapter.layout(image, idx, method.merge(image, idx)) for image, idx in zip(images, kept)]
 

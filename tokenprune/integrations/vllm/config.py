@@ -217,7 +217,8 @@ def _check_runnable(method: Pruner, source: str) -> VisualPruner:
     if missing:
         raise ValueError(
             f"tokenprune: {type(method).__name__} needs {', '.join(sorted(missing))}, which the vLLM "
-            f"integration does not compute (it provides: {', '.join(sorted(PROVIDED_INPUTS))})"
+            f"integration does not compute (it provides: {', '.join(sorted(PROVIDED_INPUTS))}); "
+            "run it with the Hugging Face integration (tp.patch(model, method))"
         )
     return method
 

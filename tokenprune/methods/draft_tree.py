@@ -11,6 +11,7 @@ model of the target (Sequoia, Chen et al., 2024). See ``docs/speculative.md``.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Optional
 
@@ -80,8 +81,23 @@ class DraftTree(Pruner):
             raise ValueError("the 'retrieval' source needs a non-empty corpus (token-id lists or strings)")
         if "draft_model" in self.sources and self.draft_model is None:
             raise ValueError("the 'draft_model' source needs draft_model= (an HF causal LM or a local path)")
-        # Runtime state (recycling table, latency models, draft KV) lives beside the config, not in it.
-        self._speculator = None
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        # Runtime state (recycling table, latency model, draft KV) lives beside the config, not in
+        # it, and belongs to one target model: the recycling table holds token ids of that model's
+        # vocabulary and the latency model its timings. Keyed weakly, so a speculator goes away with
+        # its model.
+        self._speculators = weakref.WeakKeyDictionary()
+        self._last = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickle, deepcopy) carries the configuration only; its runtime state starts empty.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_speculators", "_last")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime()
 
     def to_config(self) -> dict[str, Any]:
         model = self.draft_model
@@ -91,14 +107,27 @@ class DraftTree(Pruner):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return {"method": self.name, **values, "sources": list(self.sources), "corpus": corpus, "draft_model": model}
 
-    def speculator(self, tokenizer: Optional[Any] = None):
-        """The persistent :class:`~tokenprune.speculative.decode.TreeSpeculator` of this method.
+    def speculator(self, tokenizer: Optional[Any] = None, model: Optional[Any] = None):
+        """The persistent :class:`~tokenprune.speculative.decode.TreeSpeculator` of this method on ``model``.
 
-        Built on first use and reused, so the recycling table and latency models carry over
-        between ``generate`` calls. ``tokenizer`` encodes string entries of ``corpus``.
+        One per target model, built on first use and reused, so the recycling table and latency
+        model carry over between ``generate`` calls on that model and never reach another one
+        (one method object can serve several models, whatever their vocabularies). ``model=None``:
+        the speculator last returned (after ``generate``: that call's), or a model-independent one
+        before any (vLLM's proposer, which serves one model). ``tokenizer`` encodes string entries of ``corpus``.
+        ``speculator(model=m).stats`` are the statistics of the latest call on ``m``.
         """
-        if self._speculator is None:
-            from tokenprune.speculative.factory import build_speculator
+        if model is None:
+            if self._last is None:
+                self._last = self._build(tokenizer)
+            return self._last
+        spec = self._speculators.get(model)
+        if spec is None:
+            spec = self._speculators[model] = self._build(tokenizer)
+        self._last = spec
+        return spec
 
-            self._speculator = build_speculator(self, tokenizer)
-        return self._speculator
+    def _build(self, tokenizer: Optional[Any]):
+        from tokenprune.speculative.factory import build_speculator
+
+        return build_speculator(self, tokenizer)

@@ -161,7 +161,7 @@ def test_token_counts_use_the_given_tokenizer():
         ({"keep_ratio": 0.0}, ValueError),
         ({"keep_ratio": 1.2}, ValueError),
         ({"min_sentences": -1}, ValueError),
-        ({"min_sentences": 1.5}, ValueError),
+        ({"min_sentences": 1.5}, TypeError),
         ({"top_k": 0}, ValueError),
         ({"batch_size": 0}, ValueError),
         ({"language": ""}, ValueError),

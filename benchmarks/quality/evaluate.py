@@ -43,7 +43,7 @@ LAYERS = (1, 2, 3)  # for methods with a ``layer`` field (FastV); each must be <
 STAGES = ("visual", "llm")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HarnessRandom(VisualPruner):
     """Uniformly random visual tokens (fixed seed): the baseline every method must beat.
 
@@ -56,7 +56,7 @@ class HarnessRandom(VisualPruner):
     def __post_init__(self) -> None:
         super().__post_init__()
         # One stream per method instance: each image gets its own subset, reproducibly.
-        self._generator = torch.Generator().manual_seed(self.seed)
+        object.__setattr__(self, "_generator", torch.Generator().manual_seed(self.seed))
 
     def select(self, image: ImageTokens) -> torch.Tensor:
         n = image.num_tokens

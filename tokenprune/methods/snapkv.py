@@ -17,7 +17,7 @@ from tokenprune.methods.base import TextPruner, register, resolve_keep, validate
 
 
 @register("snapkv")
-@dataclass
+@dataclass(frozen=True)
 class SnapKV(TextPruner):
     """Args:
         keep: KV entries kept per layer and KV head: a count (>= 1) or a fraction in (0, 1] of the

@@ -40,7 +40,6 @@ __all__ = [
     "check_int",
     "check_number",
     "check_bool",
-    "check_choice",
     "check_device",
     "resolve_keep",
     "topk_ascending",
@@ -148,13 +147,6 @@ def check_bool(name: str, value: Any) -> None:
     """``value`` is ``True`` or ``False`` (not 0/1, not a string)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    """``value`` is one of the strings ``choices``."""
-    if not isinstance(value, str) or value not in choices:
-        error = ValueError if isinstance(value, str) else TypeError
-        raise error(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def check_device(name: str, value: Any) -> None:

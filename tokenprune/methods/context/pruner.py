@@ -72,7 +72,7 @@ class ContextPruner(Pruner):
         device, batch_size, trust_remote_code: passed to the named scorer.
         max_chars: the most characters one :meth:`prune` call takes, summed over every passage of
             every question (``None``: no limit). Cost grows linearly with the text (about 3-4 kB/s
-            on one busy CPU core with the default bi-encoder, and +230 MB peak memory per 1 MB;
+            on one busy CPU core with the default bi-encoder, and about +200 MB peak memory per 1 MB;
             docs/context_pruning.md); a larger input raises ``ValueError`` before any work.
     """
 

@@ -161,7 +161,7 @@ def test_token_counts_use_the_given_tokenizer():
         ({"keep_ratio": 0.0}, ValueError),
         ({"keep_ratio": 1.2}, ValueError),
         ({"min_sentences": -1}, ValueError),
-        ({"min_sentences": 1.5}, ValueError),
+        ({"min_sentences": 1.5}, TypeError),
         ({"top_k": 0}, ValueError),
         ({"batch_size": 0}, ValueError),
         ({"language": ""}, ValueError),
@@ -220,3 +220,56 @@ def test_adaptive_keep_scores_by_hand():
     assert keep[1] == pytest.approx([0.25, 0.125])
     assert keep[2] == [0.0] and keep[3] == []
     assert adaptive_keep_scores([[0.8, 0.4], [0.4]], passage_exponent=0)[1] == [1.0]
+
+
+# ------------------------------------------------------------------ huge inputs (bounded cost)
+_FRAGMENTS = ["The cat sat. ", "Dr. Who? ", "e.g. this ", "U.S. ", "3.50 ", "\n\n", "   ", "Hi!", "Yes... ",
+              '"Quote." ', "(Paren.) ", "今日は晴れです。", "はい！", "本当？", "a", "Mr. ", "end.", "Jan. 5 ",
+              "word ", "x" * 50, "...", "。", "\t", "A. B. C. "]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_windowed_segmentation_equals_whole_text(monkeypatch, seed):
+    """Long texts are segmented window by window; the splits are sentencex's on the whole text,
+    also on adversarial mixes of abbreviations, ellipses, CJK terminators and blank runs."""
+    import random
+
+    from tokenprune.methods.context import segment
+
+    rng = random.Random(seed)
+    text = "".join(rng.choice(_FRAGMENTS) for _ in range(rng.randint(300, 1500)))
+    language = ["en", "ja", "fr", "de"][seed % 4]
+    whole = segment._segment_starts(text, language)
+    monkeypatch.setattr(segment, "WINDOW_CHARS", rng.randint(300, 3000))
+    assert segment._starts(text, language) == whole
+    sentences = split_sentences(text, language)
+    assert [s.start for s in sentences] == [0] + whole[1:] and "".join(s.text for s in sentences) == text
+
+
+def test_segmentation_work_is_linear_in_the_text(monkeypatch):
+    """sentencex costs (sentences x length) per call on CJK text (1 MB took 248 s): each call gets a
+    bounded window and the windows cover the text about once."""
+    from tokenprune.methods.context import segment
+
+    calls = []
+    real = segment._segment_starts
+    monkeypatch.setattr(segment, "_segment_starts", lambda t, lang: calls.append(len(t)) or real(t, lang))
+    text = "今日は晴れです。東京の会社は一八七五年に設立されました。それは本当ですか？" * 3000  # 108k chars
+    sentences = split_sentences(text, "ja")
+    assert len(sentences) == 9000 and "".join(s.text for s in sentences) == text
+    assert max(calls) <= segment.WINDOW_CHARS
+    assert sum(calls) <= 2.2 * len(text)
+
+
+def test_max_chars_refuses_huge_inputs_before_any_work():
+    scorer = KeywordScorer()
+    p = tp.ContextPruner(scorer=scorer, max_chars=100)
+    assert tp.ContextPruner(scorer=KeywordScorer()).max_chars == 1_000_000  # the default bound
+    with pytest.raises(ValueError, match=r"101 characters.*max_chars=100.*max_chars=None"):
+        p.prune(Q, ["x" * 60, "y" * 41])
+    with pytest.raises(ValueError, match="max_chars"):  # counted over every question of a batch
+        p.prune([Q, Q], [["x" * 60], ["y" * 41]])
+    assert scorer.calls == 0
+    assert p.prune(Q, ["x" * 60, {"title": "T", "text": "y" * 40}]).passages[0] == "x" * 60
+    unbounded = tp.ContextPruner(scorer=scorer, max_chars=None)
+    assert unbounded.prune(Q, ["Acme was founded. " * 10]).details[0].chars_before == 180

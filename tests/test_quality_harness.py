@@ -143,7 +143,7 @@ def test_a_newly_registered_visual_method_is_evaluated(monkeypatch):
 
     from tokenprune.methods import base
 
-    @dataclass
+    @dataclass(frozen=True)
     class Strided(base.VisualPruner):
         stride: int = 1
 

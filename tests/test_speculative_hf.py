@@ -257,3 +257,35 @@ def test_return_dict_in_generate(model):
     out = tree(model, ids, 12, method, eos_token_id=eos, return_dict_in_generate=True)
     assert torch.equal(out.sequences, greedy(model, ids, 12, eos_token_id=eos))
     assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+
+
+def test_one_method_on_two_models_keeps_state_per_model(model):
+    """One DraftTree reused on models with different vocabularies: the recycling table learned on
+    one model (token ids of its vocabulary) never drafts for the other, and both stay exact."""
+    big = tiny_llama(2, vocab=160)
+    ids_big = torch.tensor([[150, 151, 152, 150, 151, 152, 150, 151]])  # ids only the big model has
+    ids_small = prompts()[3]
+    method = tp.DraftTree(sources=("ngram", "recycling"), budget=8)
+    with tp.patch(big, method):
+        assert torch.equal(big.generate(ids_big, max_new_tokens=16, do_sample=False), greedy(big, ids_big, 16))
+    big_table = next(s for s in method.speculator(model=big).sources if s.name == "recycling").next_tokens.clone()
+    assert int(big_table.max()) >= 96  # the big model's table learned ids the small model does not have
+    with tp.patch(model, method):  # raised IndexError inside the embedding before per-model state
+        assert torch.equal(model.generate(ids_small, max_new_tokens=16, do_sample=False),
+                           greedy(model, ids_small, 16))
+    small = method.speculator()  # no model: the speculator of the latest call
+    assert small is method.speculator(model=model) and small is not method.speculator(model=big)
+    recycling = next(s for s in small.sources if s.name == "recycling")
+    assert recycling.next_tokens.shape[0] == 96 and int(recycling.next_tokens.max()) < 96
+    # the big model's state is untouched by the other model's calls, and still exact
+    big_spec = method.speculator(model=big)
+    assert torch.equal(next(s for s in big_spec.sources if s.name == "recycling").next_tokens, big_table)
+    assert torch.equal(tree(big, ids_big, 16, method), greedy(big, ids_big, 16))
+
+
+def test_draft_and_corpus_outside_the_target_vocabulary_are_refused(model):
+    ids = prompts()[3]
+    with pytest.raises(ValueError, match=r"corpus.*vocabulary.*96"):
+        tree(model, ids, 4, tp.DraftTree(sources=("retrieval",), corpus=((5, 6, 500),), budget=4))
+    with pytest.raises(ValueError, match=r"draft_model.*vocabulary"):
+        tree(model, ids, 4, tp.DraftTree(sources=("draft_model",), draft_model=tiny_llama(3, vocab=200), budget=4))

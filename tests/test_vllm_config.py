@@ -64,7 +64,7 @@ def test_bad_configurations_are_rejected_with_the_reason(raw, match):
 def test_methods_needing_inputs_vllm_does_not_compute_are_rejected():
     from tokenprune.methods.base import VisualPruner
 
-    @dataclass
+    @dataclass(frozen=True)
     class NeedsLLMAttention(VisualPruner):
         requires = frozenset({"text_attention"})
 
@@ -216,7 +216,7 @@ def _register_cls_test_method() -> str:
     if name not in available_methods():
 
         @register(name)
-        @dataclass
+        @dataclass(frozen=True)
         class ClsTopK(ScoredVisualPruner):
             requires = frozenset({"cls_attention"})
 

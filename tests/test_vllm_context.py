@@ -56,7 +56,7 @@ def test_context_config_alone_and_beside_a_visual_method():
 
 
 @pytest.mark.parametrize("context, match", [
-    ({"threshold": 2.0}, r"context.*threshold must be in \[0, 1\]"),
+    ({"threshold": 2.0}, r"context.*threshold must be a finite number in \[0.0, 1.0\]"),
     ({"scorer": "nope"}, "context"),
     ({"treshold": 0.5}, "context.*treshold"),
     ({"threshold": 0.5, "keep_ratio": 0.5}, "either threshold"),

@@ -223,7 +223,7 @@ def test_image_features_match_transformers(pruned, tiny_llava_576_path, images):
 def _cls_method(keep):
     from tokenprune.methods.base import ScoredVisualPruner
 
-    @dataclass
+    @dataclass(frozen=True)
     class ClsTopK(ScoredVisualPruner):
         """Keep the tokens the vision [CLS] attends to most (FasterVLM-like)."""
 
@@ -276,7 +276,7 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
 def test_wrong_row_count_from_a_method_is_an_error(pruned):
     from tokenprune.methods.base import VisualPruner
 
-    @dataclass
+    @dataclass(frozen=True)
     class OneRowTooMany(VisualPruner):
         def select(self, image):
             return torch.arange(min(self.keep + 1, image.num_tokens))

@@ -49,7 +49,7 @@ def _flatten(methods: Iterable[Any]) -> list[Pruner]:
     return flat
 
 
-@dataclass
+@dataclass(frozen=True)
 class Compose(Pruner):
     """Several methods applied together, ordered by stage (``STAGE_ORDER``).
 

@@ -11,7 +11,9 @@ Nothing is downloaded. The checkpoints serve the tests, the benchmark presets an
   that vLLM's loader requires; transformers loads it too (DESIGN.md §5);
 * head dimensions are 32/64 so the same checkpoints run on vLLM's CPU attention.
 
-Building a checkpoint takes a few seconds; :func:`build_tiny_llava` and :func:`build_tiny_llama`
+Nothing a user owns is overwritten: every builder refuses a non-empty directory (``FileExistsError``
+naming it) unless ``overwrite=True``, and then writes only the checkpoint's own files. Building a
+checkpoint takes a few seconds; :func:`build_tiny_llava` and :func:`build_tiny_llama`
 are deterministic for a given seed.
 """
 
@@ -180,12 +182,40 @@ def _save_tokenizer_config(path: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+def _target_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` as the directory to build into, checked before any work.
+
+    A directory that holds anything is refused unless ``overwrite=True`` (then the checkpoint's own
+    files are replaced and every other file is left alone); a file is always refused.
+    """
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {type(overwrite).__name__} {overwrite!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"cannot build a checkpoint into {str(path)!r}: it exists and is not a directory")
+    if path.is_dir() and not overwrite and any(path.iterdir()):
+        raise FileExistsError(
+            f"refusing to build a checkpoint into {str(path)!r}: the directory is not empty (its config.json "
+            "and weights would be replaced); choose an empty or new directory, or pass overwrite=True"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _saved_weight_files(path: Path) -> list[Path]:
+    """The weight files ``save_pretrained`` just wrote under ``path`` (never other safetensors files)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / "model.safetensors"]
+
+
 def _save_checkpoint(path: Path, model: Any, processor: Any, classic_llava_keys: bool = False) -> Path:
     """Save ``model`` and its tokenizer/processor under ``path`` the way every fixture is saved."""
     model.generation_config.pad_token_id = 3
     model.save_pretrained(path)
     if classic_llava_keys:
-        _rewrite_classic_llava_keys(path)
+        _rewrite_classic_llava_keys(_saved_weight_files(path))
     processor.save_pretrained(path)
     _save_tokenizer_config(path)
     return path
@@ -200,22 +230,26 @@ _LLAVA_PROCESSOR_KWARGS = {
 }
 
 
-def build_tiny_llama(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32, **config: Any) -> Path:
-    """Save a random ``LlamaForCausalLM`` + tokenizer under ``path`` and return it."""
+def build_tiny_llama(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     overwrite: bool = False, **config: Any) -> Path:
+    """Save a random ``LlamaForCausalLM`` + tokenizer under ``path`` and return it.
+
+    ``path`` must be a new or empty directory unless ``overwrite=True`` (as for every builder here):
+    then the checkpoint's files are replaced and other files there are left alone.
+    """
     from transformers import LlamaForCausalLM
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = _target_dir(path, overwrite)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**config)).to(dtype).eval()
     return _save_checkpoint(path, model, build_tokenizer())
 
 
-def _rewrite_classic_llava_keys(path: Path) -> None:
+def _rewrite_classic_llava_keys(files: list[Path]) -> None:
     """transformers 5 saves CLIP weights as ``vision_tower.<x>``; vLLM wants ``vision_tower.vision_model.<x>``."""
     from safetensors.torch import load_file, save_file
 
-    for file in sorted(path.glob("*.safetensors")):
+    for file in files:
         tensors = load_file(str(file))
         renamed = {}
         for key, value in tensors.items():
@@ -231,6 +265,7 @@ def build_tiny_llava(
     image_size: int = 56,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
     **config: Any,
 ) -> Path:
     """Save a random ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` under ``path``.
@@ -240,8 +275,7 @@ def build_tiny_llava(
     """
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = _target_dir(path, overwrite)
     torch.manual_seed(seed)
     cfg = tiny_llava_config(image_size=image_size, **config)
     model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
@@ -275,6 +309,7 @@ def build_tiny_llava_next(
     crop_size: int = 56,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
     **config: Any,
 ) -> Path:
     """Save a random ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` under ``path``.
@@ -286,8 +321,7 @@ def build_tiny_llava_next(
     """
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = _target_dir(path, overwrite)
     torch.manual_seed(seed)
     base = tiny_llava_config(image_size=crop_size, **config)
     pinpoints = [[crop_size, 2 * crop_size], [2 * crop_size, crop_size], [2 * crop_size, 2 * crop_size]]
@@ -327,6 +361,7 @@ def build_tiny_qwen2_5_vl(
     initializer_range: float = 0.3,
     version: str = "2.5",
     max_pixels: int = 224 * 224,
+    overwrite: bool = False,
 ) -> Path:
     """Save a random ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor`` under ``path``.
 
@@ -349,8 +384,7 @@ def build_tiny_qwen2_5_vl(
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = _target_dir(path, overwrite)
     torch.manual_seed(seed)
     head_dim = hidden_size // num_heads
     if head_dim % 16:
@@ -424,19 +458,19 @@ def build_tiny_qwen2_5_vl(
     return _save_checkpoint(path, model, processor)
 
 
-def build_tiny_qwen2_vl(path: str | os.PathLike, **kwargs: Any) -> Path:
+def build_tiny_qwen2_vl(path: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> Path:
     """Tiny ``Qwen2VLForConditionalGeneration`` (see :func:`build_tiny_qwen2_5_vl`)."""
-    return build_tiny_qwen2_5_vl(path, version="2", **kwargs)
+    return build_tiny_qwen2_5_vl(path, version="2", overwrite=overwrite, **kwargs)
 
 
 def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
-                         dtype: torch.dtype = torch.float32, **config: Any) -> Path:
+                         dtype: torch.dtype = torch.float32, overwrite: bool = False, **config: Any) -> Path:
     """Save a random Llama / Qwen2 / Mistral causal LM + tokenizer under ``path`` (``arch`` names it).
 
     Same shape knobs as :func:`tiny_llama_config`; Mistral is built without a sliding window.
     """
     if arch == "llama":
-        return build_tiny_llama(path, seed=seed, dtype=dtype, **config)
+        return build_tiny_llama(path, seed=seed, dtype=dtype, overwrite=overwrite, **config)
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
@@ -445,8 +479,7 @@ def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int
     config_cls, model_cls = classes[arch]
     extra = {"sliding_window": None} if arch == "mistral" else {}
     cfg = config_cls(**{**tiny_llama_config(**config).to_diff_dict(), **extra})
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = _target_dir(path, overwrite)
     torch.manual_seed(seed)
     model = model_cls(cfg).to(dtype).eval()
     return _save_checkpoint(path, model, build_tokenizer())

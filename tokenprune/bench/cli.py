@@ -88,9 +88,10 @@ def parse_methods(spec: str, keep: Optional[Sequence[int | float]] = None) -> li
             if not sep or not key:
                 raise UsageError(f"method parameter {param!r} in {item!r} must be written key=value")
             kwargs[key.strip()] = _value(value.strip())
-        keeps = [kwargs.pop("keep")] if "keep" in kwargs else list(keep or [None])
+        explicit = "keep" in kwargs  # keep=none is a bad value, not "use the default"
+        keeps = [kwargs.pop("keep")] if explicit else list(keep or [None])
         for k in keeps:
-            full = dict(kwargs) if k is None else {**kwargs, "keep": k}
+            full = {**kwargs, "keep": k} if explicit or k is not None else dict(kwargs)
             try:
                 method = tp.build(name, **full)
             except TypeError as exc:

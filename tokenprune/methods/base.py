@@ -1,7 +1,10 @@
 """Base classes of every pruning method, the ``keep`` convention and the method registry.
 
-A method is a small ``@dataclass`` validated in ``__post_init__`` and registered by name. The base
-class of its *stage* owns everything but the method's own rule:
+A method is a small frozen ``@dataclass(frozen=True)`` validated in ``__post_init__`` and registered
+by name: once built it cannot be changed, so what was validated is what runs (``dataclasses.replace``
+builds a new, validated object; a ``__post_init__`` that normalises a field uses
+``object.__setattr__``). The ``check_*`` helpers below validate fields with messages that name the
+argument and its valid values. The base class of its *stage* owns everything but the method's own rule:
 
 * :class:`VisualPruner` (stage ``"visual"``): acts on the image embeddings of one image before the
   language model sees them; the integration calls :meth:`VisualPruner.select_batch` once per
@@ -41,6 +44,10 @@ __all__ = [
     "build",
     "get_method_class",
     "validate_keep",
+    "check_int",
+    "check_number",
+    "check_bool",
+    "check_device",
     "resolve_keep",
     "topk_ascending",
 ]
@@ -113,6 +120,52 @@ def validate_keep(keep: Any, name: str = "keep") -> None:
         raise ValueError(f"{name} must be in (0, 1] when given as a fraction, got {keep}")
 
 
+def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None,
+              *, optional: bool = False) -> None:
+    """``value`` is an int (not a bool) in ``[minimum, maximum]`` (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    bounds = " ".join(b for b in (f">= {minimum}" if minimum is not None else "",
+                                  f"<= {maximum}" if maximum is not None else "") if b)
+    expected = f"an int{' ' + bounds if bounds else ''}{' or None' if optional else ''}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False, optional: bool = False) -> None:
+    """``value`` is a finite int or float (not a bool) in the interval from ``low`` to ``high``
+    (``*_open``: that end excluded; ``high=math.inf``: no upper bound), or ``None`` when ``optional``."""
+    if optional and value is None:
+        return
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or math.isinf(high) else ']'}"
+    expected = f"a finite number in {interval}{' or None' if optional else ''}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``value`` is ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_device(name: str, value: Any) -> None:
+    """``value`` is a torch device string such as ``"cpu"``, ``"cuda"`` or ``"cuda:1"``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a device string such as 'cpu' or 'cuda:0', got {type(value).__name__}")
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {value!r}") from None
+
+
 def resolve_keep(keep: int | float, n: int) -> int:
     """Number of tokens kept out of ``n``: a count is capped at ``n``; a fraction is rounded
     half up and never drops below one token (for ``n > 0``)."""
@@ -139,7 +192,7 @@ def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- method bases
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pruner:
     """Root of all methods. ``stage`` tells the integrations where the method acts."""
 
@@ -202,7 +255,7 @@ class ImageTokens:
         return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class VisualPruner(Pruner):
     """Pre-LLM visual pruning: choose which visual tokens of each image reach the decoder.
 
@@ -239,7 +292,7 @@ class VisualPruner(Pruner):
         return image.features.index_select(0, kept)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoredVisualPruner(VisualPruner):
     """A visual pruner defined by a per-token score; the base keeps the top ``keep`` tokens."""
 
@@ -301,7 +354,7 @@ class KVView(Protocol):
         ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class SequencePruner(Pruner):
     """A decoder policy that drops tokens *between* decoder layers at prefill: the tokens entering a
     scheduled layer are scored (:meth:`score`), the integration's runtime keeps the best ones per
@@ -337,7 +390,7 @@ class SequencePruner(Pruner):
         return False
 
 
-@dataclass
+@dataclass(frozen=True)
 class InLLMPruner(SequencePruner):
     """In-LLM visual pruning: drop image tokens inside the decoder, before layer ``layer``.
 
@@ -367,7 +420,7 @@ class InLLMPruner(SequencePruner):
         return ((self.layer, self.keep),)
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVPruner(Pruner):
     """KV-cache compression after prefill (kvpress's ``ScorerPress``): after each decoder layer's
     prefill, every KV head keeps its ``keep`` best prompt entries by :meth:`score` (the last

@@ -64,7 +64,7 @@ INSTRUCTION = "instruction"
 
 
 @register("cdpruner")
-@dataclass
+@dataclass(frozen=True)
 class CDPruner(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).

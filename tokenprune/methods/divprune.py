@@ -19,7 +19,7 @@ from tokenprune.methods.base import ImageTokens, VisualPruner, register
 
 
 @register("divprune")
-@dataclass
+@dataclass(frozen=True)
 class DivPrune(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).

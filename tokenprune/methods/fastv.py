@@ -24,7 +24,7 @@ from tokenprune.methods.base import DecoderView, InLLMPruner, register
 
 
 @register("fastv")
-@dataclass
+@dataclass(frozen=True)
 class FastV(InLLMPruner):
     """Args:
         layer: K, the first decoder layer that sees the pruned sequence (``1 <= K < num_layers``).

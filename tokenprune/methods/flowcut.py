@@ -60,7 +60,7 @@ def adaptive_drop(attention: torch.Tensor, remaining_layers: int, keep: int) -> 
 
 
 @register("flowcut")
-@dataclass
+@dataclass(frozen=True)
 class FlowCut(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).

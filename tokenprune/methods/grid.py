@@ -17,7 +17,7 @@ from tokenprune.methods.spatial import split_budget, uniform_grid_points
 
 
 @register("grid")
-@dataclass
+@dataclass(frozen=True)
 class UniformGrid(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).

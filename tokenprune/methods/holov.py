@@ -22,12 +22,13 @@ are always kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from tokenprune.methods.base import ImageTokens, VisualPruner, register, topk_ascending
+from tokenprune.methods.base import ImageTokens, VisualPruner, check_number, register, topk_ascending
 from tokenprune.methods.spatial import grid_crops, raster_crops, split_budget
 
 _EPS = 1e-6
@@ -50,7 +51,7 @@ def crop_token_scores(features: torch.Tensor, attention: torch.Tensor, alpha: fl
 
 
 @register("holov")
-@dataclass
+@dataclass(frozen=True)
 class HoloV(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).
@@ -73,8 +74,7 @@ class HoloV(VisualPruner):
             raise TypeError(f"crops must be an int, got {type(self.crops).__name__}")
         if self.crops < 1:
             raise ValueError(f"crops must be >= 1, got {self.crops}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+        check_number("alpha", self.alpha, 0.0, math.inf)
         if self.layout not in ("grid", "raster"):
             raise ValueError(f"layout must be 'grid' or 'raster', got {self.layout!r}")
 

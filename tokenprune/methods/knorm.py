@@ -16,7 +16,7 @@ from tokenprune.methods.base import KVPruner, KVView, register
 
 
 @register("knorm")
-@dataclass
+@dataclass(frozen=True)
 class Knorm(KVPruner):
     """Args:
         keep: KV entries kept per layer and KV head: a count (>= 1) or a fraction in (0, 1] of the prompt.

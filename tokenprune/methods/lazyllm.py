@@ -39,7 +39,7 @@ def _check_keep(keep: Any, where: str) -> float:
 
 
 @register("lazyllm")
-@dataclass
+@dataclass(frozen=True)
 class LazyLLM(SequencePruner):
     """Args:
         schedule: ``((layer, keep), ...)``: before decoder layer ``layer`` (``1 <= layer < depth``,
@@ -82,7 +82,7 @@ class LazyLLM(SequencePruner):
                     raise ValueError(f"schedule layers must be strictly increasing, got {l0} then {l1}")
                 if k1 > k0:
                     raise ValueError(f"schedule keep fractions must not increase with depth, got {k0} then {k1}")
-            self.schedule = tuple(pairs)
+            object.__setattr__(self, "schedule", tuple(pairs))  # frozen: normalise once
         if isinstance(self.window, bool) or not isinstance(self.window, int):
             raise TypeError(f"window must be an int, got {type(self.window).__name__}")
         if self.window < 1:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenprune.methods.base import ImageTokens, VisualPruner, register
+from tokenprune.methods.base import ImageTokens, VisualPruner, check_int, register
 
 
 @register("random")
-@dataclass
+@dataclass(frozen=True)
 class RandomPrune(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).
@@ -27,8 +27,7 @@ class RandomPrune(VisualPruner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator.manual_seed's range
 
     def select(self, image: ImageTokens) -> torch.Tensor:
         n = image.num_tokens

@@ -40,7 +40,7 @@ def snapkv_scores(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, wind
 
 
 @register("snapkv")
-@dataclass
+@dataclass(frozen=True)
 class SnapKV(KVPruner):
     """Args:
         keep: KV entries kept per layer and KV head: a count (>= 1) or a fraction in (0, 1] of the

@@ -35,7 +35,7 @@ class _Split:
 
 
 @register("visionzip")
-@dataclass
+@dataclass(frozen=True)
 class VisionZip(VisualPruner):
     """Args:
         keep: tokens kept per image (int >= 1) or fraction kept (float in (0, 1]).

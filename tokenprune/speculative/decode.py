@@ -112,6 +112,11 @@ class TreeSpeculator:
             budget = int(self.budget)
         return merged, prune_tree(merged, budget, depth, self.max_width)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """``ValueError`` if a source could propose token ids outside the target's ``vocab_size``."""
+        for source in self.sources:
+            source.check_vocab(vocab_size)
+
     def observe(self, tree: TokenTree, logits: torch.Tensor) -> None:
         for source in self.sources:
             source.observe(tree, logits)

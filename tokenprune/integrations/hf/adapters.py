@@ -31,6 +31,11 @@ def supported_architectures() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def architectures_for_stage(stage: str) -> list[str]:
+    """Architectures whose adapter takes methods of ``stage``."""
+    return sorted(name for name, cls in _ADAPTERS.items() if stage in cls.stages)
+
+
 def get_adapter(model: Any) -> "ModelAdapter":
     """The adapter for ``model``; ``NotImplementedError`` naming the supported architectures otherwise."""
     for cls in type(model).__mro__:

@@ -23,7 +23,7 @@ MODEL_STAGES = ("visual", *DECODER_STAGES)
 def patch_model(model: Any, method: Pruner) -> PatchHandle:
     """Apply ``method`` — one method, or a :class:`tokenprune.Compose` whose methods are already
     ordered and checked (stage ``"composite"``) — to a transformers model; see :func:`tokenprune.patch`."""
-    from tokenprune.integrations.hf.adapters import get_adapter
+    from tokenprune.integrations.hf.adapters import architectures_for_stage, get_adapter
 
     methods = list(method.methods) if method.stage == "composite" else [method]
     adapter = get_adapter(model)
@@ -31,7 +31,8 @@ def patch_model(model: Any, method: Pruner) -> PatchHandle:
         if m.stage not in adapter.stages or m.stage not in MODEL_STAGES:
             raise NotImplementedError(
                 f"{type(m).__name__} (stage {m.stage!r}) cannot be applied to {type(model).__name__}, "
-                f"which supports stages: {', '.join(sorted(adapter.stages)) or 'none'}"
+                f"which supports stages: {', '.join(sorted(adapter.stages)) or 'none'}; architectures supporting "
+                f"stage {m.stage!r}: {', '.join(architectures_for_stage(m.stage)) or 'none'}"
             )
     visual = [m for m in methods if m.stage == "visual"]
     decoder = [m for m in methods if m.stage in DECODER_STAGES]

@@ -119,7 +119,7 @@ def tree_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, st
             ``tokenizer=`` itself and does not forward it to a custom decoding function).
 
     Returns ``[1, L + new]`` ids, or a ``GenerateDecoderOnlyOutput`` (sequences and cache) when
-    ``return_dict_in_generate=True``. Statistics of the call: ``draft_tree.speculator().stats``.
+    ``return_dict_in_generate=True``. Statistics of the call: ``draft_tree.speculator(model=model).stats``.
     """
     from tokenprune.methods.draft_tree import DraftTree
 
@@ -152,7 +152,9 @@ def tree_generate(model: Any, input_ids: torch.Tensor, logits_processor: Any, st
     if cache.get_seq_length() != 0:
         raise ValueError("DraftTree starts from an empty cache; continuing from past_key_values is not supported")
 
-    speculator = draft_tree.speculator(corpus_tokenizer)
+    # One speculator per target model (its recycling table holds token ids of this vocabulary).
+    speculator = draft_tree.speculator(corpus_tokenizer, model=model)
+    speculator.check_vocab(model.get_input_embeddings().num_embeddings)
     target = HFTarget(model, cache)
     sequences = speculative_generate(
         target,
@@ -188,7 +190,7 @@ def patch_model(model: Any, method: Any) -> PatchHandle:
                 raise ValueError("generate is patched by tokenprune.DraftTree; do not pass custom_generate")
             call = handle.stats.new_call()
             out = original(model, *args, custom_generate=tree_generate, draft_tree=method, **kwargs)
-            stats = method.speculator().stats
+            stats = method.speculator(model=model).stats
             for before, after in zip(stats.candidates, stats.verified):
                 handle.stats.add(call=call, row=0, before=before, after=after, kind="speculative")
             handle.spec_stats = stats

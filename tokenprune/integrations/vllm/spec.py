@@ -89,6 +89,9 @@ class TreeDrafter:
 
             tokenizer = AutoTokenizer.from_pretrained(getattr(model_config, "tokenizer", None) or model_config.model)
         self.speculator = method.speculator(tokenizer)
+        vocab_size = getattr(model_config, "get_vocab_size", None)
+        if callable(vocab_size):  # a corpus of ids outside the served model's vocabulary: refuse at start
+            self.speculator.check_vocab(int(vocab_size()))
         self.proposed: list[int] = []  # chain length per request and step (statistics)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:

@@ -13,18 +13,28 @@ and in both modes at least the best ``min_sentences`` sentences, plus the title 
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, Sequence, Union
 
-from tokenprune.methods.base import Pruner, register, resolve_keep
+from tokenprune.methods.base import (
+    Pruner,
+    check_bool,
+    check_device,
+    check_int,
+    check_number,
+    register,
+    resolve_keep,
+)
 from tokenprune.methods.context.result import ContextPruneResult, PrunedPassage
 from tokenprune.methods.context.scorers import PassageInput, PassageScores, SentenceScorer, build_scorer
 
 __all__ = ["ContextPruner"]
 
 Passage = Union[str, Mapping]
+#: an ISO 639 language code, optionally with a region or script subtag ("en", "pt-BR", "zh_hans").
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*")
 
 
 def _passage_text(passage: Any, where: str) -> str:
@@ -38,7 +48,7 @@ def _passage_text(passage: Any, where: str) -> str:
 
 
 @register("context")
-@dataclass
+@dataclass(frozen=True)
 class ContextPruner(Pruner):
     """Sentence-level pruning of the passages retrieved for a question.
 
@@ -60,6 +70,10 @@ class ContextPruner(Pruner):
         top_k: keep only the ``top_k`` passages with the best rerank scores (``None``: all).
         language: ISO 639 code for the sentence segmenter.
         device, batch_size, trust_remote_code: passed to the named scorer.
+        max_chars: the most characters one :meth:`prune` call takes, summed over every passage of
+            every question (``None``: no limit). Cost grows linearly with the text (about 3-4 kB/s
+            on one busy CPU core with the default bi-encoder, and about +200 MB peak memory per 1 MB;
+            docs/context_pruning.md); a larger input raises ``ValueError`` before any work.
     """
 
     stage: ClassVar[str] = "context"
@@ -76,42 +90,39 @@ class ContextPruner(Pruner):
     device: str = "cpu"
     batch_size: int = 32
     trust_remote_code: bool = False
+    max_chars: Optional[int] = 1_000_000
     _scorer: SentenceScorer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.keep_ratio is not None:
             raise ValueError("give either threshold (adaptive) or keep_ratio (fixed fraction), not both")
-        if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-                raise TypeError(f"threshold must be a float in [0, 1], got {type(self.threshold).__name__}")
-            if not (math.isfinite(self.threshold) and 0.0 <= self.threshold <= 1.0):
-                raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.keep_ratio is not None:
-            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
-                raise TypeError(f"keep_ratio must be a float in (0, 1], got {type(self.keep_ratio).__name__}")
-            if not (math.isfinite(self.keep_ratio) and 0.0 < self.keep_ratio <= 1.0):
-                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        for name, low in (("min_sentences", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
-        if not isinstance(self.language, str) or not self.language:
-            raise ValueError(f"language must be an ISO 639 code such as 'en', got {self.language!r}")
+        check_number("threshold", self.threshold, 0.0, 1.0, optional=True)
+        check_number("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, optional=True)
+        check_int("min_sentences", self.min_sentences, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("top_k", self.top_k, 1, optional=True)
+        check_int("max_chars", self.max_chars, 1, optional=True)
+        for name in ("always_keep_title", "reorder", "trust_remote_code"):
+            check_bool(name, getattr(self, name))
+        if not isinstance(self.language, str) or not _LANGUAGE.fullmatch(self.language):
+            error = ValueError if isinstance(self.language, str) else TypeError
+            raise error(f"language must be an ISO 639 code such as 'en' or 'pt-br', got {self.language!r}")
+        check_device("device", self.device)
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a local path (str) or None, got {type(self.model).__name__}")
+        if self.model == "":
+            raise ValueError("model must be a local path or None (the scorer's default), got ''")
         if isinstance(self.scorer, SentenceScorer):
             if self.model is not None:
                 raise ValueError("model= configures a named scorer; give the path to the scorer instance instead")
-            self._scorer = self.scorer
+            object.__setattr__(self, "_scorer", self.scorer)
         elif isinstance(self.scorer, str):
             kwargs: dict[str, Any] = {"device": self.device, "batch_size": self.batch_size}
             if self.model is not None:
                 kwargs["model"] = self.model
             if self.trust_remote_code:
                 kwargs["trust_remote_code"] = True
-            self._scorer = build_scorer(self.scorer, **kwargs)
+            object.__setattr__(self, "_scorer", build_scorer(self.scorer, **kwargs))
         else:
             raise TypeError(
                 f"scorer must be a scorer name ('bi-encoder', 'cross-encoder', 'provence') or a SentenceScorer, "
@@ -168,15 +179,19 @@ class ContextPruner(Pruner):
 
     # ------------------------------------------------------------------ internals
     def _prune_batch(self, questions: list[str], groups: Any, tokenizer: Any) -> list[ContextPruneResult]:
-        inputs: list[list[PassageInput]] = []
+        texts: list[list[str]] = []
         for qi, group in enumerate(groups):
             if isinstance(group, (str, Mapping)) or not isinstance(group, Sequence):
                 raise TypeError(f"passages for question {qi} must be a list of passages, got {type(group).__name__}")
-            row = []
-            for pi, passage in enumerate(group):
-                text = _passage_text(passage, f"passage {pi} of question {qi}")
-                row.append(PassageInput.from_text(text, self.language))
-            inputs.append(row)
+            texts.append([_passage_text(p, f"passage {pi} of question {qi}") for pi, p in enumerate(group)])
+        total = sum(len(text) for row in texts for text in row)
+        if self.max_chars is not None and total > self.max_chars:
+            raise ValueError(
+                f"the passages hold {total:,} characters, more than max_chars={self.max_chars:,} (pruning costs "
+                "time and memory in proportion to the text; see docs/context_pruning.md): split them over "
+                "several prune calls, or raise the bound with ContextPruner(max_chars=...) (max_chars=None: no limit)"
+            )
+        inputs = [[PassageInput.from_text(text, self.language) for text in row] for row in texts]
         scores = self._scorer.score(questions, inputs)
         counter = tokenizer if tokenizer is not None else self._scorer.tokenizer
         results = []

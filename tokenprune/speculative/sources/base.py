@@ -33,6 +33,10 @@ class DraftSource:
     def reset(self) -> None:
         """Forget per-sequence state (called at the start of each ``generate``)."""
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` if this source can propose a token id ``>= vocab_size`` (the target's
+        vocabulary), which the target could not embed."""
+
 
 def tree_from_continuations(root: int, continuations: Sequence[Sequence[int]], confidence: float) -> TokenTree:
     """Trie of retrieved continuations with frequency-based edge estimates.

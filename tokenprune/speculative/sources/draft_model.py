@@ -42,6 +42,15 @@ class DraftModelSource(DraftSource):
         self.seen: list[int] = []  # tokens whose KV the draft cache holds
         self.root_logp: torch.Tensor | None = None
 
+    def check_vocab(self, vocab_size: int) -> None:
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        size = int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+        if size > vocab_size:
+            raise ValueError(
+                f"draft_model's vocabulary ({size} tokens) is larger than the target model's ({vocab_size}): "
+                "the draft model must share the target's tokenizer"
+            )
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

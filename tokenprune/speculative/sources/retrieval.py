@@ -37,6 +37,15 @@ class RetrievalSource(DraftSource):
                     if len(hits) < max_matches:
                         hits.append((d, end))
 
+    def check_vocab(self, vocab_size: int) -> None:
+        for d, doc in enumerate(self.docs):
+            bad = [t for t in doc if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"corpus[{d}] holds token id {bad[0]}, outside the target model's vocabulary ({vocab_size} "
+                    "tokens): give token ids of the target's tokenizer (or strings with corpus_tokenizer=)"
+                )
+
     def propose(self, context: Sequence[int], max_depth: int) -> TokenTree:
         root = int(context[-1])
         depth = min(max_depth, self.max_continuation)

@@ -52,7 +52,7 @@ STAGES = ("visual", "llm")
 METHOD_ARGS: dict[str, dict[str, Any]] = {}
 
 
-@dataclass
+@dataclass(frozen=True)
 class HarnessRandom(VisualPruner):
     """Uniformly random visual tokens (fixed seed): the baseline every method must beat.
 
@@ -65,7 +65,7 @@ class HarnessRandom(VisualPruner):
     def __post_init__(self) -> None:
         super().__post_init__()
         # One stream per method instance: each image gets its own subset, reproducibly.
-        self._generator = torch.Generator().manual_seed(self.seed)
+        object.__setattr__(self, "_generator", torch.Generator().manual_seed(self.seed))
 
     def select(self, image: ImageTokens) -> torch.Tensor:
         n = image.num_tokens

@@ -42,6 +42,7 @@ __all__ = [
     "available_methods",
     "build",
     "get_method_class",
+    "method_stages",
     "validate_keep",
     "resolve_keep",
     "topk_ascending",
@@ -80,6 +81,14 @@ def get_method_class(name: str) -> type["Pruner"]:
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
     return _REGISTRY[key]
+
+
+def method_stages(cls: type["Pruner"]) -> tuple[str, ...]:
+    """Stages a method class acts at: ``(cls.stage,)``, or for a multi-stage method (stage
+    ``"composite"``, e.g. ToDRE) the stages of its default instance's components."""
+    if cls.stage != "composite":
+        return (cls.stage,)
+    return tuple(c.stage for c in cls().components())
 
 
 def build(name: str, **kwargs: Any) -> "Pruner":

@@ -178,10 +178,8 @@ def _find(stage: str, candidates: Sequence[Any]) -> Any:
 def _groups(targets: Sequence[Any], method: Pruner) -> list[tuple[Any, Pruner]]:
     """``[(target, method or Compose)]``: the context stage to its target, every other stage to the model."""
     owners = method.methods if isinstance(method, Compose) else (method,)
-    context = [m for m in owners if all(c.stage == "context" for c in m.components())]
-    rest = [m for m in owners if not any(c.stage == "context" for c in m.components())]
-    if len(context) + len(rest) != len(owners):
-        raise NotImplementedError("a method whose stages act on both a tokenizer and a model cannot be patched yet")
+    context = [m for m in owners if m.components()[0].stage == "context"]
+    rest = [m for m in owners if m.components()[0].stage != "context"]
     groups = []
     for part in (context, rest):
         if not part:

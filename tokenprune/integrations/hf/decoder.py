@@ -58,7 +58,7 @@ import torch
 
 from tokenprune.integrations.hf.adapters import ModelAdapter
 from tokenprune.kernels import attention_topk
-from tokenprune.methods.base import KVPruner, Pruner, SequencePruner, resolve_keep, topk_ascending
+from tokenprune.methods.base import KVPruner, Pruner, SequencePruner, topk_ascending
 from tokenprune.patching import PatchHandle
 
 FLASH = ("flash_attention_2", "flash_attention_3")
@@ -499,8 +499,7 @@ class DecoderRuntime:
         cur = st.cur
         view = _SequenceView(self, layer, cur.index, cur.valid, self._prefill_keys(layer - 1))
         scores = self.sequence.score(view)
-        candidates = cur.valid if self.sequence.tokens == "prompt" else (
-            cur.valid & (torch.gather(st.groups, 1, cur.index) >= 0))
+        candidates = cur.valid if self.sequence.tokens == "prompt" else cur.valid & (view.groups >= 0)
         kept = self._select(view, scores, candidates)
         dropped = cur.valid & ~kept
         if not (st.active or bool(dropped.any())):

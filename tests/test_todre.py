@@ -471,3 +471,11 @@ def test_text_only_models_are_refused(tiny_llama_path):
     with pytest.raises(NotImplementedError, match="ToDREDiversity \\(stage 'visual'\\) cannot be applied"):
         tp.patch(model, tp.ToDRE())
     assert tp.active_handle(model) is None
+
+
+@pytest.mark.parametrize("raw", [tp.ToDRE(), '{"method": "todre", "keep": 64}', [tp.ToDRE()], tp.compose(tp.ToDRE())])
+def test_vllm_config_refuses_todre_with_the_reason(raw):
+    from tokenprune.integrations.vllm.config import parse_config
+
+    with pytest.raises(ValueError, match="names ToDRE, which prunes inside the language model"):
+        parse_config(raw)

@@ -1,7 +1,7 @@
 """ToDRE's stage 2 on the quality harness's model: the cross-modal attention ratios it measures and
 what dropping every visual token costs, per layer.
 
-    python -m benchmarks.quality_todre_ratios --n 600 --keep 64
+    python benchmarks/quality_todre_ratios.py --n 600 --keep 64
 
 For each K in ``--layers``: runs ToDRE (``keep`` by stage 1) on the test split with a recording copy
 of stage 2 and prints the distribution of ``alpha_t->v`` / ``alpha_v->t`` at layer K - 1 and the

@@ -378,9 +378,9 @@ class SequencePruner(Pruner):
 
     @property
     def query_rows(self) -> Optional[int]:
-        """Query rows of each scoring layer that :meth:`score` reads: ``1`` (the last token) or
-        ``None`` (all: ``query="text_mean"`` or :meth:`DecoderView.attention_from`)."""
-        return None if getattr(self, "query", "last") == "text_mean" else 1
+        """Query rows of each scoring layer that :meth:`score` reads: ``1`` (the last token, the
+        default) or ``None`` (all: ``view.attention("text_mean")`` or :meth:`DecoderView.attention_from`)."""
+        return 1
 
     @property
     def revives(self) -> bool:

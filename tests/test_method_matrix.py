@@ -39,6 +39,7 @@ MATRIX: dict[str, Case] = {
     "flowcut": Case(lambda: tp.FlowCut(keep=1.0), lambda: tp.FlowCut(keep=4), "vlm"),
     "cdpruner": Case(lambda: tp.CDPruner(keep=1.0), lambda: tp.CDPruner(keep=4), "vlm"),
     "fastv": Case(lambda: tp.FastV(keep=1.0, impl="torch"), lambda: tp.FastV(keep=4, impl="torch"), "vlm"),
+    "todre": Case(lambda: tp.ToDRE(keep=1.0, threshold=0.0, impl="torch"), lambda: tp.ToDRE(keep=4, impl="torch"), "vlm"),
     "lazyllm": Case(lambda: tp.LazyLLM(schedule=((1, 1.0),)), lambda: tp.LazyLLM(schedule=((1, 0.5),), window=2), "lm"),
     "snapkv": Case(lambda: tp.SnapKV(keep=1.0, window=4), lambda: tp.SnapKV(keep=0.5, window=4), "lm"),
     "knorm": Case(lambda: tp.Knorm(keep=1.0), lambda: tp.Knorm(keep=0.5), "lm"),

@@ -66,6 +66,6 @@ __all__ = [
     "DraftTree",
 ]
 
-from tokenprune.methods import Knorm, LazyLLM, SnapKV  # noqa: E402
+from tokenprune.methods import Knorm, LazyLLM, SnapKV, ToDRE  # noqa: E402
 
-__all__ += ["LazyLLM", "SnapKV", "Knorm"]
+__all__ += ["LazyLLM", "SnapKV", "Knorm", "ToDRE"]

@@ -9,6 +9,10 @@ visual tokens, then tokens inside the decoder, then its KV cache, then speculati
 combinations that cannot share a model (two methods of one stage, two decoder policies that both
 rewrite the sequence, ...) before anything is patched, and applies each method to the target it acts
 on: the context stage to a tokenizer/processor (or a vLLM ``LLM``), the others to the model.
+
+A method that acts at several stages (stage ``"composite"``, e.g. ``tp.ToDRE``) declares one policy
+per stage in :meth:`~tokenprune.methods.base.Pruner.components`; it is checked, ordered and installed
+like a composition of those policies, while the handle, ``to_config()`` and messages keep its name.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ _CONFLICTS = {
 
 
 def _flatten(methods: Iterable[Any]) -> list[Pruner]:
+    """The methods of a list, nested compositions flattened (multi-stage methods stay whole)."""
     flat: list[Pruner] = []
     for i, method in enumerate(methods):
         if isinstance(method, Compose):
@@ -49,12 +54,20 @@ def _flatten(methods: Iterable[Any]) -> list[Pruner]:
     return flat
 
 
+def _label(component: Pruner, owner: Pruner) -> str:
+    """How messages name a component: its own class, or its multi-stage method's with the stage."""
+    if component is owner:
+        return type(owner).__name__
+    return f"{type(owner).__name__} (its {component.stage!r} stage)"
+
+
 @dataclass(frozen=True)
 class Compose(Pruner):
     """Several methods applied together, ordered by stage (``STAGE_ORDER``).
 
     Args:
-        methods: tokenprune methods (or compositions, flattened), at most one per stage.
+        methods: tokenprune methods (or compositions, flattened), at most one per stage; a
+            multi-stage method (ToDRE) occupies each of its stages.
 
     Raises:
         TypeError: an element is not a tokenprune method.
@@ -73,33 +86,41 @@ class Compose(Pruner):
         flat = _flatten(self.methods)
         if not flat:
             raise ValueError("methods must hold at least one tokenprune method")
-        unknown = [m for m in flat if m.stage not in STAGE_ORDER]
+        owned = [(component, method) for method in flat for component in method.components()]
+        unknown = [(c, m) for c, m in owned if c.stage not in STAGE_ORDER]
         if unknown:
-            raise ValueError(f"{type(unknown[0]).__name__} (stage {unknown[0].stage!r}) cannot be composed; "
+            component, owner = unknown[0]
+            raise ValueError(f"{_label(component, owner)} (stage {component.stage!r}) cannot be composed; "
                              f"composable stages: {', '.join(STAGE_ORDER)}")
-        by_stage: dict[str, Pruner] = {}
-        for method in flat:
-            if method.stage in by_stage:
+        by_stage: dict[str, tuple[Pruner, Pruner]] = {}
+        for component, owner in owned:
+            if component.stage in by_stage:
                 raise ValueError(
-                    f"{type(by_stage[method.stage]).__name__} and {type(method).__name__} both act at stage "
-                    f"{method.stage!r}; compose at most one method per stage"
+                    f"{_label(*by_stage[component.stage])} and {_label(component, owner)} both act at stage "
+                    f"{component.stage!r}; compose at most one method per stage"
                 )
-            by_stage[method.stage] = method
+            by_stage[component.stage] = (component, owner)
         for pair, why in _CONFLICTS.items():
             if pair <= by_stage.keys():
-                a, b = (type(by_stage[s]).__name__ for s in sorted(pair, key=STAGE_ORDER.index))
+                a, b = (_label(*by_stage[s]) for s in sorted(pair, key=STAGE_ORDER.index))
                 raise ValueError(f"{a} and {b} cannot be composed: {why}")
-        prompt = by_stage.get("prompt")
+        prompt = by_stage.get("prompt", (None, None))[0]
         if prompt is not None and "kv" in by_stage and getattr(prompt, "revives", False):
             raise ValueError(
-                f"{type(prompt).__name__}(revive=True) and {type(by_stage['kv']).__name__} cannot be composed: "
+                f"{type(prompt).__name__}(revive=True) and {_label(*by_stage['kv'])} cannot be composed: "
                 "revival re-selects prompt tokens a compressed KV cache no longer holds; use revive=False"
             )
-        object.__setattr__(self, "methods", tuple(sorted(flat, key=lambda m: STAGE_ORDER.index(m.stage))))
+        object.__setattr__(self, "methods", tuple(sorted(flat, key=lambda m: STAGE_ORDER.index(m.components()[0].stage))))
+        object.__setattr__(self, "_components", tuple(sorted((c for c, _ in owned),
+                                                             key=lambda c: STAGE_ORDER.index(c.stage))))
+
+    def components(self) -> tuple[Pruner, ...]:
+        """Every single-stage policy of the composition, in stage order."""
+        return self._components
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return tuple(m.stage for m in self.methods)
+        return tuple(c.stage for c in self.components())
 
     def to_config(self) -> dict[str, Any]:
         return {"method": self.name, "methods": [m.to_config() for m in self.methods]}
@@ -154,15 +175,16 @@ def _find(stage: str, candidates: Sequence[Any]) -> Any:
     return next((c for c in candidates if isinstance(c, torch.nn.Module)), None)
 
 
-def _groups(targets: Sequence[Any], method: Compose) -> list[tuple[Any, Pruner]]:
+def _groups(targets: Sequence[Any], method: Pruner) -> list[tuple[Any, Pruner]]:
     """``[(target, method or Compose)]``: the context stage to its target, every other stage to the model."""
-    context = [m for m in method.methods if m.stage == "context"]
-    rest = [m for m in method.methods if m.stage != "context"]
+    owners = method.methods if isinstance(method, Compose) else (method,)
+    context = [m for m in owners if m.components()[0].stage == "context"]
+    rest = [m for m in owners if m.components()[0].stage != "context"]
     groups = []
     for part in (context, rest):
         if not part:
             continue
-        target = _find(part[0].stage, targets)
+        target = _find(part[0].components()[0].stage, targets)
         if target is None:
             names = ", ".join(type(m).__name__ for m in part)
             wanted = ("a tokenizer, processor or vLLM LLM (it prunes chat-template documents)" if part is context
@@ -176,7 +198,7 @@ def _groups(targets: Sequence[Any], method: Compose) -> list[tuple[Any, Pruner]]
 
 
 def _patch_one(target: Any, method: Pruner) -> PatchHandle:
-    if isinstance(method, Compose):
+    if isinstance(method, Compose) or len(method.components()) > 1:  # one patch of all the stages
         return _load(COMPOSITION_PATCHER)(target, method)
     if method.stage not in PATCHERS:
         raise NotImplementedError(f"no integration can apply {type(method).__name__} (stage {method.stage!r}) yet")
@@ -200,7 +222,7 @@ def patch(target: Any, method: Any) -> PatchHandle:
     """
     method = _as_method(method)
     targets = list(target) if isinstance(target, (list, tuple)) else [target]
-    if not isinstance(method, Compose):
+    if not isinstance(method, Compose) and len(method.components()) == 1:
         if len(targets) > 1:
             found = _find(method.stage, targets)
             if found is None:
@@ -245,7 +267,7 @@ def _default_target(args: tuple, kwargs: dict) -> Any:
 
 def _find_targets(method: Pruner, args: tuple, kwargs: dict) -> Any:
     """What ``prune`` patches for one call: the target of each stage among the call's arguments."""
-    stages = [m.stage for m in method.methods] if isinstance(method, Compose) else [method.stage]
+    stages = [c.stage for c in method.components()]
     found = []
     for stage in dict.fromkeys("context" if s == "context" else "model" for s in stages):
         finder = TARGET_FINDERS.get("context") if stage == "context" else None

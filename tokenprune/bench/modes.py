@@ -87,9 +87,10 @@ def resolve_mode(mode: str, methods: list[Any]) -> str:
         if mode not in MODES:
             raise ValueError(f"mode must be auto or one of {', '.join(MODES)}, got {mode!r}")
         return mode
-    implied = {STAGE_MODES.get(m.stage) for m in methods} or {"visual"}
+    stages = [c.stage for m in methods for c in m.components()]  # a multi-stage method: each of its stages
+    implied = {STAGE_MODES.get(s) for s in stages} or {"visual"}
     if None in implied:
-        unknown = sorted({m.stage for m in methods if m.stage not in STAGE_MODES})
+        unknown = sorted({s for s in stages if s not in STAGE_MODES})
         raise ValueError(f"no benchmark mode measures methods of stage {', '.join(unknown)}")
     if len(implied) > 1:
         raise ValueError(f"these methods need different benchmark modes ({', '.join(sorted(implied))}); "

@@ -47,5 +47,6 @@ __all__ = [
 from tokenprune.methods.knorm import Knorm  # noqa: E402
 from tokenprune.methods.lazyllm import LazyLLM  # noqa: E402
 from tokenprune.methods.snapkv import SnapKV  # noqa: E402
+from tokenprune.methods.todre import ToDRE  # noqa: E402
 
-__all__ += ["LazyLLM", "SnapKV", "Knorm"]
+__all__ += ["LazyLLM", "SnapKV", "Knorm", "ToDRE"]

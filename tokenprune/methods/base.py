@@ -16,6 +16,8 @@ argument and its valid values. The base class of its *stage* owns everything but
   method writes :meth:`SequencePruner.score`; the decoder runtime ranks, gathers and masks.
 * :class:`KVPruner` (stage ``"kv"``): compresses each layer's prompt KV after prefill (SnapKV,
   Knorm); the method writes :meth:`KVPruner.score`.
+* A method that acts at several stages (ToDRE: a pre-LLM selection, then an in-LLM drop) returns one
+  policy per stage from :meth:`Pruner.components`; ``tp.patch`` applies them as ``tp.compose`` does.
 
 Integrations (``tokenprune.integrations``) decide *where* a method acts on a given model; methods
 never special-case a model and never import an integration.
@@ -43,6 +45,7 @@ __all__ = [
     "available_methods",
     "build",
     "get_method_class",
+    "method_stages",
     "validate_keep",
     "check_int",
     "check_number",
@@ -85,6 +88,14 @@ def get_method_class(name: str) -> type["Pruner"]:
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
     return _REGISTRY[key]
+
+
+def method_stages(cls: type["Pruner"]) -> tuple[str, ...]:
+    """Stages a method class acts at: ``(cls.stage,)``, or for a multi-stage method (stage
+    ``"composite"``, e.g. ToDRE) the stages of its default instance's components."""
+    if cls.stage != "composite":
+        return (cls.stage,)
+    return tuple(c.stage for c in cls().components())
 
 
 def build(name: str, **kwargs: Any) -> "Pruner":
@@ -203,6 +214,13 @@ class Pruner:
         """A JSON-able description, ``{"method": name, **fields}``, that :func:`build` accepts."""
         return {"method": self.name, **asdict(self)}
 
+    def components(self) -> tuple["Pruner", ...]:
+        """The single-stage methods this method is applied as, in stage order: ``(self,)``, or for a
+        method that acts at several stages (stage ``"composite"``, e.g. ToDRE) one policy per stage.
+        ``tp.patch`` and ``tp.compose`` order, check and install the components; the method itself
+        stays what the patch handle, ``to_config()`` and error messages name."""
+        return (self,)
+
 
 @dataclass
 class ImageTokens:
@@ -318,11 +336,14 @@ class DecoderView(Protocol):
         layer: the decoder layer about to run on the kept tokens (scores come from ``layer - 1``).
         index: ``[B, n]`` sequence index of each current slot (its original position in the prompt).
         valid: ``[B, n]`` False for padding and filler slots.
+        groups: ``[B, n]`` image number (0, 1, ... in the row) of each slot, ``-1`` for text, padding
+            and generated tokens (all ``-1`` for policies of ``tokens="prompt"``).
     """
 
     layer: int
     index: torch.Tensor
     valid: torch.Tensor
+    groups: torch.Tensor
 
     def attention(self, queries: str = "last", impl: str = "auto") -> torch.Tensor:
         """``[B, n]`` softmax attention of the scoring ``queries`` at layer ``layer - 1`` onto the
@@ -330,6 +351,13 @@ class DecoderView(Protocol):
         steps: the new token), ``"text_mean"`` = every text token after the row's last image. Computed
         from that layer's own queries and post-RoPE keys (:func:`tokenprune.kernels.attention_topk`),
         so every layer keeps its SDPA/flash attention."""
+        ...
+
+    def attention_from(self, queries: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """``[B, n]`` softmax attention at layer ``layer - 1`` of the query slots ``queries`` (``[B, n]``
+        bool) onto the current slots, averaged over heads and those queries, causal by sequence
+        index as the model attends (all zeros for a row without queries). Prefill only; the policy's
+        :attr:`SequencePruner.query_rows` must be ``None`` (all queries captured)."""
         ...
 
 
@@ -383,6 +411,29 @@ class SequencePruner(Pruner):
     def protected(self, index: torch.Tensor, length: int) -> torch.Tensor:
         """Slots never dropped (bool, shape of ``index``) of a prompt of ``length`` tokens."""
         return torch.zeros_like(index, dtype=torch.bool)
+
+    def budget(self, view: DecoderView, scores: torch.Tensor, keep: int | float, sizes: torch.Tensor) -> torch.Tensor:
+        """Tokens each group keeps entering ``view.layer`` (at prefill; decoding steps reuse them).
+
+        Args:
+            view: the tokens entering the layer; ``scores``: what :meth:`score` returned, ``[B, n]``.
+            keep: the schedule's ``keep`` for this layer.
+            sizes: ``[B, G]`` tokens each group had in the prompt: image ``g`` of row ``b`` for
+                ``tokens="image"`` (0 where the row has fewer images), the row's prompt for
+                ``tokens="prompt"`` (``G = 1``).
+
+        Returns:
+            ``[B, G]`` counts in ``[0, sizes]``. Default: :func:`resolve_keep` of ``keep`` (at least one
+            token per non-empty group); a policy may return 0 to drop a group whole (ToDRE).
+        """
+        return torch.tensor([[resolve_keep(keep, n) for n in row] for row in sizes.tolist()],
+                            dtype=torch.long, device=sizes.device).view(sizes.shape)
+
+    @property
+    def query_rows(self) -> Optional[int]:
+        """Query rows of each scoring layer that :meth:`score` reads: ``1`` (the last token, the
+        default) or ``None`` (all: ``view.attention("text_mean")`` or :meth:`DecoderView.attention_from`)."""
+        return 1
 
     @property
     def revives(self) -> bool:

@@ -17,6 +17,7 @@ instruction), closer to the paper's wording ("average attention received").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -44,6 +45,10 @@ class FastV(InLLMPruner):
             raise ValueError(f"query must be 'last' or 'text_mean', got {self.query!r}")
         if self.impl not in ("auto", "triton", "torch"):
             raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {self.impl!r}")
+
+    @property
+    def query_rows(self) -> Optional[int]:
+        return None if self.query == "text_mean" else 1
 
     def score(self, view: DecoderView) -> torch.Tensor:
         return view.attention(self.query, impl=self.impl)

@@ -29,12 +29,12 @@ __all__ = ["methods", "models", "run_visual_methods"]
 def methods(keep: int) -> list[tuple[str, tp.Pruner]]:
     """``[(label, method)]``: every registered pre-LLM (``"visual"``) and in-LLM (``"llm"``) method at
     ``keep`` tokens, FastV-like methods (a ``layer`` field) at layer 2."""
-    from tokenprune.methods.base import get_method_class
+    from tokenprune.methods.base import get_method_class, method_stages
 
     out = []
     for name in tp.available_methods():
         cls = get_method_class(name)
-        if cls.stage not in ("visual", "llm"):
+        if not all(stage in ("visual", "llm") for stage in method_stages(cls)):  # ToDRE: both
             continue
         extra = {"layer": 2} if "layer" in getattr(cls, "__dataclass_fields__", {}) else {}
         out.append((name, tp.build(name, keep=keep, **extra)))

@@ -58,7 +58,7 @@ import torch
 
 from tokenprune.integrations.hf.adapters import ModelAdapter
 from tokenprune.kernels import attention_topk
-from tokenprune.methods.base import KVPruner, Pruner, SequencePruner, resolve_keep, topk_ascending
+from tokenprune.methods.base import KVPruner, Pruner, SequencePruner, topk_ascending
 from tokenprune.patching import PatchHandle
 
 FLASH = ("flash_attention_2", "flash_attention_3")
@@ -207,6 +207,14 @@ class _State:
 # --------------------------------------------------------------------------- policy views
 
 
+def true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the runs of True in a 1-D bool ``mask``."""
+    if not bool(mask.any()):
+        return []
+    edges = torch.diff(torch.nn.functional.pad(mask.to(torch.int8), (1, 1)))
+    return list(zip(torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()))
+
+
 class _SequenceView:
     """:class:`~tokenprune.methods.base.DecoderView` of the tokens entering ``layer``."""
 
@@ -214,27 +222,62 @@ class _SequenceView:
                  keys: torch.Tensor):
         self.runtime, self.layer, self.index, self.valid, self._keys = runtime, layer, index, valid, keys
 
+    @property
+    def groups(self) -> torch.Tensor:
+        st = self.runtime.state
+        if st.groups is None:
+            return torch.full_like(self.index, -1)
+        return torch.gather(st.groups, 1, self.index.clamp(max=st.length))
+
     def attention(self, queries: str = "last", impl: str = "auto") -> torch.Tensor:
         rt = self.runtime
-        attn = rt.adapter.decoder_layers[self.layer - 1].self_attn
-        q = rt.queries(self.layer - 1, None)
         if queries == "last":
-            causal = rt.state.prefill
-            _, scores = attention_topk(q[:, :, -1:], self._keys, 1, causal=causal, scale=attn.scaling,
+            attn = rt.adapter.decoder_layers[self.layer - 1].self_attn
+            q = rt.queries(self.layer - 1, None)
+            _, scores = attention_topk(q[:, :, -1:], self._keys, 1, causal=rt.state.prefill, scale=attn.scaling,
                                        key_padding_mask=self.valid, impl=impl)
             return scores
         if queries != "text_mean" or not rt.state.prefill:
             raise ValueError(f"queries must be 'last' or (at prefill) 'text_mean', got {queries!r}")
-        # The text after each row's last image (the instruction), averaged over its queries and heads.
-        scores = torch.zeros(self.index.shape, device=self._keys.device)
+        # The text after each row's last image (the instruction); the last token if the prompt ends
+        # with an image. Rows without images score nothing.
+        text = torch.zeros_like(self.valid)
         for row, starts in enumerate(rt.state.image_starts):
             if not starts:
                 continue
             last_image = int(rt.state.groups[row, : rt.state.length].eq(len(starts) - 1).nonzero().max())
-            n_queries = max(1, int((self.index[row] > last_image).sum()))  # prompt ends with an image: last token
-            mask = self.valid[row: row + 1]
-            _, scores[row] = attention_topk(q[row: row + 1, :, -n_queries:], self._keys[row: row + 1], 1,
-                                            key_padding_mask=mask, scale=attn.scaling, impl=impl)
+            text[row] = self.valid[row] & (self.index[row] > last_image)
+            if not bool(text[row].any()):
+                text[row, -1] = True
+        return self.attention_from(text, impl=impl)
+
+    def attention_from(self, queries: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        rt = self.runtime
+        if not rt.state.prefill:
+            raise ValueError("attention_from is available at prefill only")
+        if queries.shape != self.index.shape or queries.dtype != torch.bool:
+            raise ValueError(f"queries must be a bool mask of shape {tuple(self.index.shape)}, "
+                             f"got {queries.dtype} {tuple(queries.shape)}")
+        attn = rt.adapter.decoder_layers[self.layer - 1].self_attn
+        q = rt.queries(self.layer - 1, None)
+        if q.shape[2] != self.index.shape[1]:
+            raise RuntimeError(f"{type(rt.sequence).__name__} reads every query row: its query_rows must be None")
+        scores = torch.zeros(self.index.shape, device=self._keys.device)
+        for row in range(self.index.shape[0]):
+            # Slots are in sequence order at prefill, so a run of query slots ending at ``end`` sees
+            # exactly the keys before ``end``: attention_topk's causal layout on a key prefix.
+            parts = []
+            for start, end in true_runs(queries[row]):
+                _, part = attention_topk(q[row: row + 1, :, start:end], self._keys[row: row + 1, :, :end], 1,
+                                         key_padding_mask=self.valid[row: row + 1, :end], scale=attn.scaling,
+                                         impl=impl)
+                parts.append((part[0], end - start))
+            if len(parts) == 1:
+                scores[row, : parts[0][0].shape[0]] = parts[0][0]
+            elif parts:
+                total = sum(count for _, count in parts)
+                for part, count in parts:
+                    scores[row, : part.shape[0]] += part * (count / total)
         return scores
 
 
@@ -268,7 +311,7 @@ class DecoderRuntime:
         # Rows each scoring layer's q_proj output must keep: the last token, the window, or all.
         self.query_rows: dict[int, Optional[int]] = {}
         for layer in self.schedule:
-            self.query_rows[layer - 1] = None if getattr(sequence, "query", "last") == "text_mean" else 1
+            self.query_rows[layer - 1] = sequence.query_rows
         if kv is not None and kv.window:
             for layer in range(self.depth):
                 rows = self.query_rows.get(layer, 0)
@@ -412,34 +455,43 @@ class DecoderRuntime:
 
     # ------------------------------------------------------------------ sequence policy: prefill
     def _keep_counts(self, layer: int) -> torch.Tensor:
-        counts = self.state.keep_counts
-        if layer not in counts:
-            keep = self.schedule[layer]
-            counts[layer] = torch.tensor([resolve_keep(keep, int(n)) for n in self.state.n_valid.tolist()],
-                                         device=self.state.n_valid.device)
-        return counts[layer]
+        """``[B]`` prompt tokens kept before ``layer`` (``tokens="prompt"``), set at prefill by :meth:`_select`."""
+        return self.state.keep_counts[layer]
 
-    def _select(self, layer: int, scores: torch.Tensor, slots: _Slots, candidates: torch.Tensor) -> torch.Tensor:
-        """Keep mask ``[B, n]`` over ``slots``: every non-candidate valid slot, plus per group the
-        policy's budget of best candidates (its protected ones first)."""
-        st, policy = self.state, self.sequence
+    def _budgets(self, view: _SequenceView, scores: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """The policy's per-group counts (:meth:`SequencePruner.budget`), checked."""
+        policy = self.sequence
+        counts = policy.budget(view, scores, self.schedule[view.layer], sizes)
+        if not (isinstance(counts, torch.Tensor) and counts.shape == sizes.shape and not counts.is_floating_point()
+                and bool((counts >= 0).all()) and bool((counts <= sizes.to(counts.device)).all())):
+            raise RuntimeError(f"{type(policy).__name__}.budget must return integer counts of shape "
+                               f"{tuple(sizes.shape)} in [0, sizes], got {counts!r}")
+        return counts.to(sizes.device)
+
+    def _select(self, view: _SequenceView, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Keep mask ``[B, n]`` over the view's slots: every non-candidate valid slot, plus per group
+        the policy's budget of best candidates (its protected ones first)."""
+        st, policy, layer = self.state, self.sequence, view.layer
         if policy.tokens == "prompt":
-            forced = policy.protected(slots.index, st.length)
-            return rank_keep(scores, candidates, forced, self._keep_counts(layer))
-        keep = slots.valid & ~candidates  # text is always kept
-        groups = torch.gather(st.groups, 1, slots.index.clamp(max=st.length))
+            st.keep_counts[layer] = self._budgets(view, scores, st.n_valid[:, None])[:, 0]
+            forced = policy.protected(view.index, st.length)
+            return rank_keep(scores, candidates, forced, st.keep_counts[layer])
+        keep = view.valid & ~candidates  # text is always kept
+        groups = view.groups
         original = st.groups[:, : st.length]
+        n_groups = max((len(starts) for starts in st.image_starts), default=0)
+        sizes = torch.stack([(original == g).sum(1) for g in range(n_groups)], 1) if n_groups else (
+            torch.zeros(original.shape[0], 0, dtype=torch.long, device=original.device))
+        counts = self._budgets(view, scores, sizes).tolist()
         for row, starts in enumerate(st.image_starts):
             for image, start in enumerate(starts):
                 members = torch.nonzero(candidates[row] & (groups[row] == image)).flatten()
-                size = int((original[row] == image).sum())
-                n_kept = resolve_keep(self.schedule[layer], size)
-                chosen = members[topk_ascending(scores[row, members], n_kept)]
+                chosen = members[topk_ascending(scores[row, members], counts[row][image])]
                 keep[row, chosen] = True
                 if st.prefill:
-                    self.handle.stats.add(call=st.call, row=row, image=image, layer=layer, before=size,
+                    self.handle.stats.add(call=st.call, row=row, image=image, layer=layer, before=int(sizes[row, image]),
                                           after=int(chosen.numel()), kind=policy.stats_prefix,
-                                          kept=tuple((slots.index[row, chosen] - start).tolist()))
+                                          kept=tuple((view.index[row, chosen] - start).tolist()))
         return keep
 
     def prune_prefill(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -447,9 +499,8 @@ class DecoderRuntime:
         cur = st.cur
         view = _SequenceView(self, layer, cur.index, cur.valid, self._prefill_keys(layer - 1))
         scores = self.sequence.score(view)
-        candidates = cur.valid if self.sequence.tokens == "prompt" else (
-            cur.valid & (torch.gather(st.groups, 1, cur.index) >= 0))
-        kept = self._select(layer, scores, cur, candidates)
+        candidates = cur.valid if self.sequence.tokens == "prompt" else cur.valid & (view.groups >= 0)
+        kept = self._select(view, scores, candidates)
         dropped = cur.valid & ~kept
         if not (st.active or bool(dropped.any())):
             return hidden  # nothing dropped yet: this layer runs untouched (padding stays in place)

@@ -21,11 +21,12 @@ MODEL_STAGES = ("visual", *DECODER_STAGES)
 
 
 def patch_model(model: Any, method: Pruner) -> PatchHandle:
-    """Apply ``method`` — one method, or a :class:`tokenprune.Compose` whose methods are already
-    ordered and checked (stage ``"composite"``) — to a transformers model; see :func:`tokenprune.patch`."""
+    """Apply ``method`` — one method, or a :class:`tokenprune.Compose` or multi-stage method (stage
+    ``"composite"``) whose components are ordered and checked — to a transformers model; see
+    :func:`tokenprune.patch`."""
     from tokenprune.integrations.hf.adapters import architectures_for_stage, get_adapter
 
-    methods = list(method.methods) if method.stage == "composite" else [method]
+    methods = list(method.components())
     adapter = get_adapter(model)
     for m in methods:
         if m.stage not in adapter.stages or m.stage not in MODEL_STAGES:

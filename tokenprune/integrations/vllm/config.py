@@ -116,8 +116,8 @@ def _load_mapping(raw: Any, source: str) -> Optional[Mapping[str, Any]]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ValueError(f"tokenprune: {source} is not valid JSON ({exc}): {raw!r}") from exc
-    if getattr(raw, "stage", None) == "composite":
-        raw = list(raw.methods)
+    if getattr(raw, "stage", None) == "composite":  # a composition, or a multi-stage method (ToDRE)
+        raw = list(getattr(raw, "methods", (raw,)))
     if isinstance(raw, (list, tuple)):
         return _from_list(list(raw), source)
     if not isinstance(raw, Mapping):
@@ -201,7 +201,7 @@ def parse_config(raw: Any, source: str = ENV_VAR) -> Optional[VisualPruner]:
 
 
 def _check_runnable(method: Pruner, source: str) -> VisualPruner:
-    if method.stage == "llm":
+    if any(c.stage == "llm" for c in method.components()):
         raise ValueError(
             f"tokenprune: {source} names {type(method).__name__}, which prunes inside the language "
             "model; vLLM has no hook for that (RoPE positions, KV slots and sequence lengths are one "

@@ -2,7 +2,7 @@
 
 For the shipped model (:mod:`tokenprune.bench.suites.quality.train`) and a fixed test split of
 :mod:`tokenprune.bench.suites.quality.data`, this runs the unpruned model, then every method of
-:func:`evaluated_methods` — every registered method whose stage is ``"visual"`` or ``"llm"``
+:func:`evaluated_methods` — every registered method whose stages are ``"visual"`` / ``"llm"``
 (``tp.available_methods()``, so methods that land later are picked up by name; :data:`METHOD_ARGS`
 gives one fixed arguments if it needs any) — at keep = 192, 128, 64, 32 of the 576 image tokens,
 methods with a ``layer`` field (FastV) at several layers, each through ``tp.patch(model, method)``
@@ -38,7 +38,7 @@ import torch
 import tokenprune as tp
 from tokenprune.bench.suites.quality import data
 from tokenprune.bench.timing import Stopwatch
-from tokenprune.methods.base import ImageTokens, VisualPruner, get_method_class, resolve_keep
+from tokenprune.methods.base import ImageTokens, VisualPruner, get_method_class, method_stages, resolve_keep
 
 # The shipped checkpoint: package data (pyproject's [tool.setuptools.package-data]), so it is found
 # the same way from a checkout and from an installed wheel (docs/quality.md).
@@ -85,8 +85,9 @@ def load(model_dir: Path):
 
 
 def evaluated_methods() -> list[str]:
-    """Registered methods the harness evaluates: every one whose stage is in :data:`STAGES`."""
-    return [n for n in tp.available_methods() if get_method_class(n).stage in STAGES]
+    """Registered methods the harness evaluates: every one whose stages (a multi-stage method's,
+    e.g. ToDRE's pre-LLM and in-LLM stages) are all in :data:`STAGES`."""
+    return [n for n in tp.available_methods() if all(s in STAGES for s in method_stages(get_method_class(n)))]
 
 
 def method_configs(num_layers: int, keeps: Iterable[int] = KEEPS, layers: Iterable[int] = LAYERS,

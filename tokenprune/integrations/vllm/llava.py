@@ -1,31 +1,18 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``) in vLLM with pre-LLM visual token pruning.
 
-vLLM sizes each image's placeholder run in the front-end processor, before anything is
-scheduled, and scatters the encoder's rows into those slots in the worker. Pruning therefore
-splits in two, as vLLM's own EVS does for Qwen2.5-VL video:
-
-* **count** (front end, :class:`TokenpruneLlavaMultiModalProcessor`): each image gets
-  ``K = method.num_kept(N)`` placeholders, where ``N`` is LLaVA's count (576 for 336 px CLIP-L/14)
-  and the method's ``keep`` can be overridden per request with
-  ``mm_processor_kwargs={"tokenprune_keep": k}``. ``K`` travels to the worker as the per-image
-  field ``tokenprune_num_kept``, and the placeholder run is sized from that same field, so the two
-  sides cannot disagree;
-* **which rows** (worker, :meth:`TokenpruneLlavaForConditionalGeneration.embed_multimodal`): the
-  method selects (and possibly merges) ``K`` of the ``N`` post-projector rows by content, in
-  original order; DivPrune runs one packed ``mmdp_select`` over all images of the batch.
+The count/selection split is :mod:`tokenprune.integrations.vllm.common`'s: each image gets
+``K = method.num_kept(N)`` placeholders, where ``N`` is LLaVA's count (576 for 336 px CLIP-L/14), and
+:meth:`TokenpruneLlavaForConditionalGeneration.embed_multimodal` keeps ``K`` of the ``N``
+post-projector rows by content, in original order; DivPrune runs one packed ``mmdp_select`` over all
+images of the batch.
 
 Positions are re-indexed: the language model sees a shorter, contiguous prompt (LLaVA has 1-D
 RoPE, so no runner change is needed), as in DivPrune's and VisionZip's public code.
-
-vLLM silently truncates when the encoder returns more rows than placeholders (and raises on
-fewer), so the model checks the row count of every image itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterator, Optional
 
@@ -39,18 +26,22 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
-from tokenprune.integrations.vllm.config import (
-    ENV_VAR,
-    HF_CONFIG_KEY,
-    REQUEST_KEEP_KEY,
-    method_from_hf_config,
-    request_keep,
+from tokenprune.integrations.vllm.common import (
+    NUM_KEPT_FIELD,
+    PruningProcessingInfo,
+    PruningProcessor,
+    configured_method,
+    kept_counts,
+    kept_field,
+    record_stats,
+    select_rows,
 )
-from tokenprune.methods.base import ImageTokens, VisualPruner
+from tokenprune.integrations.vllm.config import ENV_VAR
+from tokenprune.methods.base import ImageTokens
 from tokenprune.stats import PruneStats
 
 __all__ = [
@@ -61,19 +52,8 @@ __all__ = [
     "ClsAttentionProbe",
 ]
 
-#: per-image field (int64 ``[num_images]``) carrying the kept-token count from processor to model.
-NUM_KEPT_FIELD = "tokenprune_num_kept"
-
-
-def configured_method(hf_config: Any) -> VisualPruner:
-    method = method_from_hf_config(hf_config)
-    if method is None:
-        raise ValueError(
-            "tokenprune: the pruned LLaVA architecture is selected but no method is configured; set "
-            f"{ENV_VAR}='{{\"method\": \"divprune\", \"keep\": 64}}' or "
-            f"hf_overrides={{{HF_CONFIG_KEY!r}: {{\"method\": \"divprune\", \"keep\": 64}}}}"
-        )
-    return method
+#: inputs the LLaVA model computes for methods that ``require`` them ([CLS] attention: CLIP only).
+LLAVA_PROVIDES = frozenset({"cls_attention", "grid"})
 
 
 def _check_vision_tower(hf_config: Any) -> None:
@@ -88,67 +68,33 @@ def _check_vision_tower(hf_config: Any) -> None:
 # --------------------------------------------------------------------------- front end
 
 
-class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
-    """LLaVA processing info that knows the configured method and resolves per-request budgets.
+class TokenpruneLlavaProcessingInfo(PruningProcessingInfo, LlavaProcessingInfo):
+    """LLaVA processing info that knows the configured method and resolves per-request budgets."""
 
-    ``get_num_image_tokens`` keeps returning the unpruned count ``N``, and so does the per-item
-    maximum vLLM sizes its encoder cache and input validation with: a request may ask for any
-    budget up to ``N``.
-    """
+    tokenprune_architecture = "LlavaForConditionalGeneration"
+    tokenprune_provides = LLAVA_PROVIDES
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         # Without this vLLM measures the maximum on a dummy image processed with the *configured*
         # budget and then rejects requests whose per-request budget is larger.
         return {"image": self.get_max_image_tokens()}
 
-    def tokenprune_method(self) -> VisualPruner:
-        if not hasattr(self, "_tokenprune_method"):
-            self._tokenprune_method = configured_method(self.get_hf_config())
-        return self._tokenprune_method
 
-    def get_num_kept_image_tokens(
-        self, *, image_width: int, image_height: int, mm_kwargs: Mapping[str, object]
-    ) -> int:
-        """Placeholders for one image under the budget of the request's ``mm_kwargs``."""
-        n = self.get_num_image_tokens(image_width=image_width, image_height=image_height)
-        merged = self.ctx.get_merged_mm_kwargs(mm_kwargs)
-        return request_keep(self.tokenprune_method(), merged).num_kept(n)
-
-
-class TokenpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+class TokenpruneLlavaMultiModalProcessor(PruningProcessor, LlavaMultiModalProcessor):
     """Asks for exactly ``K`` placeholders per image and hands ``K`` to the model."""
 
     info: TokenpruneLlavaProcessingInfo
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        # The per-request budget is ours; transformers would warn about it on every request.
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEEP_KEY}
-        return super()._call_hf_processor(hf_data, hf_kwargs)
-
-    def _postprocess_hf_mm_data(
-        self,
-        mm_inputs: Mapping[str, object],
-        hf_processor_mm_kwargs: Mapping[str, object],
-        processed_data: BatchFeature,
-    ) -> BatchFeature:
-        processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+    def tokenprune_counts(self, processed: BatchFeature, mm_kwargs: Mapping[str, object]) -> Optional[list[int]]:
         pixel_values = processed.get("pixel_values")
-        if pixel_values is not None:
-            counts = [
-                self.info.get_num_kept_image_tokens(
-                    image_width=int(p.shape[-1]), image_height=int(p.shape[-2]), mm_kwargs=hf_processor_mm_kwargs
-                )
-                for p in pixel_values
-            ]
-            processed[NUM_KEPT_FIELD] = torch.tensor(counts, dtype=torch.long)
-        return processed
-
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[NUM_KEPT_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        return fields
+        if pixel_values is None:
+            return None
+        return [
+            self.info.tokenprune_kept(
+                self.info.get_num_image_tokens(image_width=int(p.shape[-1]), image_height=int(p.shape[-2])), mm_kwargs
+            )
+            for p in pixel_values
+        ]
 
     def _get_prompt_updates(
         self,
@@ -160,20 +106,17 @@ class TokenpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         (unpruned,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
         def replacement(item_idx: int):
-            item = out_mm_kwargs.get("image", [None] * (item_idx + 1))[item_idx]
-            if item is None or NUM_KEPT_FIELD not in item:
-                # Precomputed image embeddings: the caller chose the rows; nothing is pruned.
-                return unpruned.replacement(item_idx)
-            return [image_token_id] * int(item[NUM_KEPT_FIELD].data)
+            k = kept_field(out_mm_kwargs, item_idx)
+            return unpruned.replacement(item_idx) if k is None else [image_token_id] * k
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
 
 
 def _build_info(ctx: InputProcessingContext) -> TokenpruneLlavaProcessingInfo:
-    hf_config = ctx.get_hf_config(LlavaConfig)
-    _check_vision_tower(hf_config)
-    configured_method(hf_config)  # a bad hf_overrides value fails here, at engine start
-    return TokenpruneLlavaProcessingInfo(ctx)
+    _check_vision_tower(ctx.get_hf_config(LlavaConfig))
+    info = TokenpruneLlavaProcessingInfo(ctx)
+    info.tokenprune_method()  # a bad hf_overrides value fails here, at engine start
+    return info
 
 
 def _build_processor(info: TokenpruneLlavaProcessingInfo, dummy_inputs: Any, **kwargs: Any):
@@ -258,7 +201,7 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _check_vision_tower(self.config)
-        self.tokenprune_method = configured_method(self.config)
+        self.tokenprune_method = configured_method(self.config, "LlavaForConditionalGeneration", LLAVA_PROVIDES)
         #: before/after counts per image (inspect with ``LLM.apply_model``).
         self.tokenprune_stats = PruneStats()
         self._cls_probe: Optional[ClsAttentionProbe] = None
@@ -276,13 +219,7 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             embeds = self._process_image_input(image_input)
         features = list(embeds.unbind(0)) if isinstance(embeds, torch.Tensor) else list(embeds)
         cls_attention = torch.cat(captured, 0) if captured else None
-        counts = [int(c) for c in torch.as_tensor(num_kept).flatten().tolist()]
-        if len(counts) != len(features):
-            raise RuntimeError(
-                f"tokenprune: {len(features)} image(s) were encoded but {len(counts)} kept-token "
-                "counts arrived from the processor"
-            )
-        return self.prune_image_embeddings(features, counts, cls_attention)
+        return self.prune_image_embeddings(features, kept_counts(num_kept, len(features)), cls_attention)
 
     def prune_image_embeddings(
         self,
@@ -290,12 +227,8 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         counts: Sequence[int],
         cls_attention: Optional[torch.Tensor] = None,
     ) -> list[torch.Tensor]:
-        """Keep ``counts[i]`` rows of image ``i``'s ``[N_i, D]`` embeddings (original order).
-
-        Images are grouped by budget and each group goes to ``select_batch`` at once (one packed
-        ``mmdp_select`` launch for DivPrune). An image whose budget covers all its tokens is
-        returned untouched, so keep-all reproduces the unpatched engine exactly.
-        """
+        """Keep ``counts[i]`` rows of image ``i``'s ``[N_i, D]`` embeddings (original order);
+        see :func:`~tokenprune.integrations.vllm.common.select_rows`."""
         images = [
             ImageTokens(
                 features=f,
@@ -304,33 +237,6 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
             for i, f in enumerate(features)
         ]
-        out: list[Optional[torch.Tensor]] = [None] * len(images)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, (image, k) in enumerate(zip(images, counts)):
-            if not 1 <= k <= image.num_tokens:
-                raise RuntimeError(
-                    f"tokenprune: image {i} has {image.num_tokens} tokens but {k} placeholders; "
-                    "the processor and the model disagree"
-                )
-            if k == image.num_tokens:
-                out[i] = image.features
-            else:
-                groups[k].append(i)
-        for k, members in groups.items():
-            method = dataclasses.replace(self.tokenprune_method, keep=k)
-            kept = method.select_batch([images[i] for i in members])
-            for i, idx in zip(members, kept):
-                rows = method.merge(images[i], idx.to(images[i].features.device))
-                if rows.shape[0] != k:
-                    # vLLM would silently truncate extra rows (and fail on missing ones).
-                    raise RuntimeError(
-                        f"tokenprune: {type(method).__name__} returned {rows.shape[0]} rows for image {i}, "
-                        f"which has exactly {k} placeholder tokens"
-                    )
-                out[i] = rows
-        # Only the last call's records are kept: a server runs for ever.
-        self.tokenprune_stats.records.clear()
-        call = self.tokenprune_stats.new_call()
-        for i, (image, rows) in enumerate(zip(images, out)):
-            self.tokenprune_stats.add(call=call, row=0, image=i, before=image.num_tokens, after=rows.shape[0])
-        return out  # type: ignore[return-value]
+        rows = [r for _, r in select_rows(self.tokenprune_method, images, counts)]
+        record_stats(self.tokenprune_stats, [f.shape[0] for f in features], [r.shape[0] for r in rows])
+        return rows

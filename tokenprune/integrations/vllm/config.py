@@ -62,9 +62,10 @@ HF_CONFIG_KEY = "tokenprune"
 REQUEST_KEEP_KEY = "tokenprune_keep"
 #: key of the configuration holding the context pruner's arguments (environment only).
 CONTEXT_KEY = "context"
-#: inputs beyond the post-projector features that the vLLM model side computes for methods that
-#: declare them in ``requires`` (``ImageTokens`` attributes).
-PROVIDED_INPUTS = frozenset({"cls_attention", "grid"})
+#: inputs beyond the post-projector features that some pruned vLLM model computes for methods that
+#: declare them in ``requires`` (``ImageTokens`` attributes and ``extras`` keys); each model checks
+#: its own subset at engine start (the vision tower's [CLS] / mean-query statistics).
+PROVIDED_INPUTS = frozenset({"cls_attention", "grid", "keys", "flow_layers"})
 
 
 def _visual_methods() -> list[str]:

@@ -41,6 +41,7 @@ from tokenprune.integrations.vllm.common import (
     select_rows,
 )
 from tokenprune.integrations.vllm.config import ENV_VAR
+from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, cls_query_record, select_records
 from tokenprune.methods.base import ImageTokens
 from tokenprune.stats import PruneStats
 
@@ -49,11 +50,11 @@ __all__ = [
     "TokenpruneLlavaProcessingInfo",
     "TokenpruneLlavaMultiModalProcessor",
     "TokenpruneLlavaForConditionalGeneration",
-    "ClsAttentionProbe",
+    "ClipVisionProbe",
 ]
 
-#: inputs the LLaVA model computes for methods that ``require`` them ([CLS] attention: CLIP only).
-LLAVA_PROVIDES = frozenset({"cls_attention", "grid"})
+#: inputs the LLaVA models compute for methods that ``require`` them ([CLS] statistics: CLIP only).
+LLAVA_PROVIDES = frozenset({"grid", CLS, KEYS, FLOW})
 
 
 def _check_vision_tower(hf_config: Any) -> None:
@@ -126,63 +127,71 @@ def _build_processor(info: TokenpruneLlavaProcessingInfo, dummy_inputs: Any, **k
 # --------------------------------------------------------------------------- worker
 
 
-class ClsAttentionProbe:
-    """Attention of the vision [CLS] token onto every patch, from the encoder's own q/k.
+class ClipVisionProbe:
+    """[CLS]-query statistics of vLLM's CLIP tower, for methods that need them (HoloV, VisionZip:
+    ``cls_attention``/``keys``; FlowCut: ``flow_layers``).
 
-    vLLM's CLIP attention is fused (``MMEncoderAttention``) and returns no weights, so a forward
-    hook on the last loaded encoder layer's ``qkv_proj`` recomputes one softmax row per head:
-    ``softmax(q_cls . K^T * scale)``, averaged over heads. That layer is the one whose output LLaVA
-    feeds to the projector (``vision_feature_layer``, -2 for LLaVA-1.5), which is where HoloV and
-    VisionZip read [CLS] attention. With tensor parallelism each rank holds some heads; the head sum
-    is all-reduced so every rank gets the same scores (and so the same selection).
+    The same records as the Hugging Face integration's ``ClipProbe`` (shared math:
+    :func:`~tokenprune.integrations.hf.probes.cls_query_record`): per layer, the softmax attention
+    of the [CLS] query onto every token (mean over heads), with FlowCut the [CLS] value similarity
+    and the value norm, and at the feature layer the head-averaged keys. vLLM's CLIP attention is
+    fused (``MMEncoderAttention``) and returns no weights, so forward hooks on the wanted layers'
+    ``qkv_proj`` recompute them from the layer's own projections. vLLM builds the tower only up to
+    the ``vision_feature_layer`` (-2 for LLaVA-1.5), so its last loaded layer is the feature layer,
+    which is where HoloV and VisionZip read [CLS] attention. With tensor parallelism each rank
+    holds some heads; head sums are all-reduced so every rank selects the same rows.
 
-    Shapes: ``qkv`` output ``[B, T, 3 * H_local * d]`` with ``T = 1 + N``; scores ``[B, N]`` over
-    the patch tokens (``[B, T]`` when the feature strategy keeps [CLS], ``"full"``).
+    Records are ``[B, 1 + N]`` per tower call (``[B, 1 + N, d]`` keys), [CLS] first; ``first`` is
+    the index of the first patch the projector keeps (1 for the ``default`` strategy).
     """
 
-    def __init__(self, vision_tower: Any, feature_select_strategy: str):
+    def __init__(self, vision_tower: Any, feature_select_strategy: str, requires: frozenset[str]):
         if not isinstance(vision_tower, CLIPVisionModel):
             raise ValueError(
-                f"tokenprune: cls_attention needs a CLIP vision tower with a [CLS] token, got "
-                f"{type(vision_tower).__name__}; use a method without it (e.g. divprune)"
+                f"tokenprune: {', '.join(sorted(requires & {CLS, KEYS, FLOW}))} need a CLIP vision tower with a "
+                f"[CLS] token, got {type(vision_tower).__name__}; use a method without them (e.g. divprune)"
             )
         if feature_select_strategy not in ("default", "full"):
             raise ValueError(
-                f"tokenprune: cls_attention supports vision_feature_select_strategy 'default' or "
+                f"tokenprune: [CLS] statistics support vision_feature_select_strategy 'default' or "
                 f"'full', got {feature_select_strategy!r}"
             )
-        self.attention = vision_tower.vision_model.encoder.layers[-1].self_attn
-        self.drop_cls = feature_select_strategy == "default"
-        self._captured: Optional[list[torch.Tensor]] = None
-        self.attention.qkv_proj.register_forward_hook(self._hook)
+        self.requires = frozenset(requires) & {CLS, KEYS, FLOW}
+        self.first = 1 if feature_select_strategy == "default" else 0
+        layers = vision_tower.vision_model.encoder.layers
+        self.feature_layer = len(layers) - 1
+        self._records: Optional[dict[int, dict[str, torch.Tensor]]] = None
+        for index, layer in enumerate(layers):
+            if FLOW in self.requires or index == self.feature_layer:
+                layer.self_attn.qkv_proj.register_forward_hook(self._hook(index, layer.self_attn))
 
-    def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if self._captured is None:
-            return
-        qkv = output[0] if isinstance(output, tuple) else output
-        attn = self.attention
-        q, k, _ = qkv.chunk(3, dim=-1)
-        batch, length = q.shape[0], q.shape[1]
-        heads, dim = attn.num_heads_per_partition, attn.head_dim
-        q_cls = q[:, 0].reshape(batch, heads, dim).float()
-        keys = k.reshape(batch, length, heads, dim).float()
-        probs = torch.softmax(torch.einsum("bhd,bthd->bht", q_cls, keys) * attn.scale, dim=-1)
-        total = probs.sum(dim=1)  # [B, T], summed over this rank's heads
-        if attn.tp_size > 1:
+    def _hook(self, index: int, attn: Any):
+        def head_sum(x: torch.Tensor) -> torch.Tensor:
             from vllm.distributed import tensor_model_parallel_all_reduce
 
-            total = tensor_model_parallel_all_reduce(total)
-        scores = total / attn.num_heads
-        self._captured.append(scores[:, 1:] if self.drop_cls else scores)
+            return tensor_model_parallel_all_reduce(x.contiguous())
+
+        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            if self._records is None:
+                return
+            qkv = output[0] if isinstance(output, tuple) else output  # [B, T, 3 * H_local * d]
+            shape = (*qkv.shape[:2], attn.num_heads_per_partition, attn.head_dim)
+            q, k, v = (x.reshape(shape) for x in qkv.chunk(3, dim=-1))
+            self._records[index] = cls_query_record(
+                q, k, v, attn.scale, self.requires, keys=index == self.feature_layer,
+                head_sum=head_sum if attn.tp_size > 1 else None, num_heads=attn.num_heads,
+            )
+
+        return hook
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[list[torch.Tensor]]:
-        """Collect ``[B, N]`` scores for every tower call inside the block."""
-        self._captured = []
+    def capture(self) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+        """Collect the records of the one tower call inside the block."""
+        self._records = {}
         try:
-            yield self._captured
+            yield self._records
         finally:
-            self._captured = None
+            self._records = None
 
 
 def _square_grid(n: int) -> Optional[tuple[int, int]]:
@@ -204,9 +213,11 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.tokenprune_method = configured_method(self.config, "LlavaForConditionalGeneration", LLAVA_PROVIDES)
         #: before/after counts per image (inspect with ``LLM.apply_model``).
         self.tokenprune_stats = PruneStats()
-        self._cls_probe: Optional[ClsAttentionProbe] = None
-        if "cls_attention" in self.tokenprune_method.requires:
-            self._cls_probe = ClsAttentionProbe(self.vision_tower, self.config.vision_feature_select_strategy)
+        self._vision_probe: Optional[ClipVisionProbe] = None
+        if self.tokenprune_method.requires & {CLS, KEYS, FLOW}:
+            self._vision_probe = ClipVisionProbe(
+                self.vision_tower, self.config.vision_feature_select_strategy, self.tokenprune_method.requires
+            )
 
     def embed_multimodal(self, **kwargs: object):
         num_kept = kwargs.pop(NUM_KEPT_FIELD, None)
@@ -215,28 +226,23 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return []
         if image_input["type"] == "image_embeds" or num_kept is None:
             return self._process_image_input(image_input)
-        with self._cls_probe.capture() if self._cls_probe else contextlib.nullcontext() as captured:
+        probe = self._vision_probe
+        with probe.capture() if probe else contextlib.nullcontext({}) as records:
             embeds = self._process_image_input(image_input)
         features = list(embeds.unbind(0)) if isinstance(embeds, torch.Tensor) else list(embeds)
-        cls_attention = torch.cat(captured, 0) if captured else None
-        return self.prune_image_embeddings(features, kept_counts(num_kept, len(features)), cls_attention)
-
-    def prune_image_embeddings(
-        self,
-        features: Sequence[torch.Tensor],
-        counts: Sequence[int],
-        cls_attention: Optional[torch.Tensor] = None,
-    ) -> list[torch.Tensor]:
-        """Keep ``counts[i]`` rows of image ``i``'s ``[N_i, D]`` embeddings (original order);
-        see :func:`~tokenprune.integrations.vllm.common.select_rows`."""
-        images = [
-            ImageTokens(
-                features=f,
-                grid=_square_grid(f.shape[0]),
-                cls_attention=cls_attention[i] if cls_attention is not None else None,
+        images = []
+        for i, f in enumerate(features):
+            cls_attention, extras = select_records(
+                records, probe.feature_layer if probe else 0, self.tokenprune_method.requires,
+                lambda t, i=i, dev=f.device: t[i, probe.first:].to(dev),
             )
-            for i, f in enumerate(features)
-        ]
+            images.append(ImageTokens(features=f, grid=_square_grid(f.shape[0]), cls_attention=cls_attention,
+                                      extras=extras or None))
+        return self.prune_image_embeddings(images, kept_counts(num_kept, len(images)))
+
+    def prune_image_embeddings(self, images: Sequence[ImageTokens], counts: Sequence[int]) -> list[torch.Tensor]:
+        """Keep ``counts[i]`` rows of image ``i`` (original order); see
+        :func:`~tokenprune.integrations.vllm.common.select_rows`."""
         rows = [r for _, r in select_rows(self.tokenprune_method, images, counts)]
-        record_stats(self.tokenprune_stats, [f.shape[0] for f in features], [r.shape[0] for r in rows])
+        record_stats(self.tokenprune_stats, [i.num_tokens for i in images], [r.shape[0] for r in rows])
         return rows

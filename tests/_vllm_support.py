@@ -121,3 +121,45 @@ def registered_target(arch: str) -> str:
     if hasattr(entry, "model_cls"):
         return f"{entry.model_cls.__module__}:{entry.model_cls.__name__}"
     return f"{entry.module_name}:{entry.class_name}"
+
+
+def generate_records(llm, requests, max_tokens=6):
+    """Greedy outputs of ``requests``: prompt length, tokens and the chosen tokens' logprobs."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
+    outs = llm.generate(requests, params, use_tqdm=False)
+    return [
+        {
+            "prompt_len": len(o.prompt_token_ids),
+            "tokens": list(o.outputs[0].token_ids),
+            "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+        }
+        for o in outs
+    ]
+
+
+def record_positions(llm) -> None:
+    """Record the ``positions`` the runner passes to every forward of an in-process engine's model
+    (read them with :func:`recorded_positions`)."""
+
+    def install(model):
+        if not hasattr(model, "_test_positions"):
+            model._test_positions = []
+            model.register_forward_pre_hook(
+                lambda module, args, kwargs: module._test_positions.append(kwargs["positions"].clone()),
+                with_kwargs=True,
+            )
+
+    llm.apply_model(install)
+
+
+def recorded_positions(llm):
+    """The positions recorded since the last call, one tensor per forward, and forget them."""
+
+    def take(model):
+        out = list(model._test_positions)
+        model._test_positions.clear()
+        return out
+
+    return llm.apply_model(take)[0]

@@ -29,10 +29,12 @@ import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 
+from tokenprune.integrations.vllm.checks import check_engine, check_method
 from tokenprune.integrations.vllm.config import (
     ENV_VAR,
     HF_CONFIG_KEY,
     REQUEST_KEEP_KEY,
+    config_source,
     method_from_hf_config,
     request_keep,
 )
@@ -54,12 +56,17 @@ __all__ = [
 NUM_KEPT_FIELD = "tokenprune_num_kept"
 
 
-def configured_method(hf_config: Any, architecture: str, provided: frozenset[str]) -> VisualPruner:
+def configured_method(
+    hf_config: Any, architecture: str, provided: frozenset[str], vllm_config: Any = None
+) -> VisualPruner:
     """The method configured for one engine (``hf_overrides`` or the environment), checked against
-    the inputs this architecture's vLLM integration computes (``provided``).
+    the inputs this architecture's vLLM integration computes (``provided``), the platform
+    (:func:`~tokenprune.integrations.vllm.checks.check_method`) and, given ``vllm_config`` (the
+    model is being built), the engine's options (:func:`~tokenprune.integrations.vllm.checks.check_engine`).
 
     Raises:
-        ValueError: nothing configured, or the method ``requires`` something not in ``provided``.
+        ValueError: nothing configured, a method ``requires`` something not in ``provided``, or an
+            option this platform or engine cannot run (the message names the key).
     """
     method = method_from_hf_config(hf_config)
     if method is None:
@@ -75,6 +82,9 @@ def configured_method(hf_config: Any, architecture: str, provided: frozenset[str
             f"integration does not compute for {architecture} (it provides: {', '.join(sorted(provided))}); "
             "choose a method without it, e.g. divprune"
         )
+    check_method(method, config_source(hf_config))
+    if vllm_config is not None:
+        check_engine(method, vllm_config, architecture)
     return method
 
 
@@ -209,10 +219,20 @@ def select_rows(
     return out  # type: ignore[return-value]
 
 
-def record_stats(stats: PruneStats, before: Sequence[int], after: Sequence[int]) -> None:
-    """Replace ``stats`` by one call's per-image counts (a server runs for ever: only the last
-    encoder call is kept)."""
+def record_stats(
+    stats: PruneStats,
+    images: Sequence[ImageTokens],
+    chosen: Sequence[tuple[Optional[torch.Tensor], torch.Tensor]],
+    before: Optional[Sequence[int]] = None,
+    after: Optional[Sequence[int]] = None,
+) -> None:
+    """Replace ``stats`` by one encoder call's records: per image the placeholders before and after
+    pruning (default: the image's tokens and the kept rows) and the kept token indices. A server
+    runs for ever: only the last call is kept."""
     stats.records.clear()
     call = stats.new_call()
-    for i, (b, a) in enumerate(zip(before, after)):
-        stats.add(call=call, row=0, image=i, before=int(b), after=int(a))
+    for i, (image, (kept, rows)) in enumerate(zip(images, chosen)):
+        indices = tuple(range(image.num_tokens)) if kept is None else tuple(kept.tolist())
+        stats.add(call=call, row=0, image=i, kept=indices,
+                  before=int(before[i]) if before is not None else image.num_tokens,
+                  after=int(after[i]) if after is not None else int(rows.shape[0]))

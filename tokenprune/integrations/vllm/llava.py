@@ -210,7 +210,7 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _check_vision_tower(self.config)
-        self.tokenprune_method = configured_method(self.config, "LlavaForConditionalGeneration", LLAVA_PROVIDES)
+        self.tokenprune_method = configured_method(self.config, "LlavaForConditionalGeneration", LLAVA_PROVIDES, vllm_config)
         #: before/after counts per image (inspect with ``LLM.apply_model``).
         self.tokenprune_stats = PruneStats()
         self._vision_probe: Optional[ClipVisionProbe] = None
@@ -243,6 +243,6 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def prune_image_embeddings(self, images: Sequence[ImageTokens], counts: Sequence[int]) -> list[torch.Tensor]:
         """Keep ``counts[i]`` rows of image ``i`` (original order); see
         :func:`~tokenprune.integrations.vllm.common.select_rows`."""
-        rows = [r for _, r in select_rows(self.tokenprune_method, images, counts)]
-        record_stats(self.tokenprune_stats, [i.num_tokens for i in images], [r.shape[0] for r in rows])
-        return rows
+        chosen = select_rows(self.tokenprune_method, images, counts)
+        record_stats(self.tokenprune_stats, images, chosen)
+        return [rows for _, rows in chosen]

@@ -144,7 +144,7 @@ class TokenpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.tokenprune_method = configured_method(self.config, _ARCH, LLAVA_PROVIDES)
+        self.tokenprune_method = configured_method(self.config, _ARCH, LLAVA_PROVIDES, vllm_config)
         #: before/after placeholder counts per image of the last encoder call (``LLM.apply_model``).
         self.tokenprune_stats = PruneStats()
         self._vision_probe: Optional[ClipVisionProbe] = None
@@ -216,5 +216,6 @@ class TokenpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             slots = torch.cat([content[kept], newlines])
             values = torch.cat([rows, packed[newlines]])
             out.append(values[torch.argsort(slots)])
-        record_stats(self.tokenprune_stats, [p.shape[0] for p, _, _ in layouts], [o.shape[0] for o in out])
+        record_stats(self.tokenprune_stats, images, chosen, before=[p.shape[0] for p, _, _ in layouts],
+                     after=[o.shape[0] for o in out])
         return out

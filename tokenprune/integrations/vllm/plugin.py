@@ -143,6 +143,10 @@ def _register(eager: bool) -> None:
     if _applied["registered"] in (mode, "eager") and _applied["config"] == raw:
         return
     check_vllm_version(strict=method is not None or context_arguments is not None)
+    if method is not None:
+        from tokenprune.integrations.vllm.checks import check_method
+
+        check_method(method, ENV_VAR)
     if context_arguments is not None or _applied["config"] is not None:
         from tokenprune.integrations.vllm.context import configure
 

@@ -21,8 +21,9 @@ machinery for images:
 1. ``get_mrope_input_positions`` computes the pruned prompt's positions: text exactly as unpruned
    (each image still advances the text position by its full extent) and, for the ``K`` slots of a
    pruned image, its base position in all three rows (a placeholder);
-2. ``embed_multimodal`` appends three channels to every media row: ``[1, dh, dw]`` for a kept token
-   of a pruned image (its offset in the merged grid) and ``[0, 0, 0]`` for rows whose positions
+2. ``embed_multimodal`` appends :data:`POSITION_CHANNELS` channels to every media row: a flag and
+   the kept token's ``(dh, dw)`` offset in the merged grid (split in base-256 digits, which every
+   float dtype holds exactly) for a kept token of a pruned image, zeros for rows whose positions
    ``get_mrope_input_positions`` already got right (videos, images kept whole, precomputed
    embeddings);
 3. ``recompute_mrope_positions`` writes ``base + (0, dh, dw)`` into the slots of flagged rows. The
@@ -70,6 +71,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
+from tokenprune.integrations.vllm.checks import check_mrope_runner
 from tokenprune.integrations.vllm.common import (
     NUM_KEPT_FIELD,
     PruningProcessingInfo,
@@ -94,8 +96,9 @@ __all__ = [
 
 #: inputs the Qwen models compute for methods that ``require`` them (HoloV, VisionZip, FlowCut).
 QWEN_PROVIDES = frozenset({"grid", CLS, KEYS, FLOW})
-#: channels appended to every media row while the runner's pruning path is on: [flag, dh, dw].
-POSITION_CHANNELS = 3
+#: channels appended to every media row while the runner's pruning path is on:
+#: ``[flag, dh // 256, dh % 256, dw // 256, dw % 256]`` (each < 256: exact even in bfloat16).
+POSITION_CHANNELS = 5
 
 
 def _check_engine(ctx: InputProcessingContext) -> None:
@@ -323,7 +326,10 @@ class _QwenPruningModel(SupportsMultiModalPruning):
     tokenprune_architecture = ""
 
     def _tokenprune_init(self, vllm_config: Any) -> None:
-        self.tokenprune_method = configured_method(self.config, self.tokenprune_architecture, QWEN_PROVIDES)
+        self.tokenprune_method = configured_method(
+            self.config, self.tokenprune_architecture, QWEN_PROVIDES, vllm_config
+        )
+        check_mrope_runner(vllm_config, self.tokenprune_architecture)
         #: before/after counts per image of the last encoder call (inspect with ``LLM.apply_model``).
         self.tokenprune_stats = PruneStats()
         # Qwen2.5-VL's own flag: no encoder CUDA graphs (they bypass embed_multimodal's channels).
@@ -402,12 +408,11 @@ class _QwenPruningModel(SupportsMultiModalPruning):
                     f"tokenprune: {total} media rows but {slots.numel()} media tokens from position {num_computed_tokens}"
                 )
             keep = channels[:, 0] == 1
-            slots, offsets = slots[keep], channels[keep, 1:]
+            slots, channels = slots[keep], channels[keep]
             positions = positions.clone()
-            base = positions[0, slots]
-            positions[0, slots] = base
-            positions[1, slots] = base + offsets[:, 0]
-            positions[2, slots] = base + offsets[:, 1]
+            base = positions[0, slots]  # an image's t offset is 0: the t row holds the base
+            positions[1, slots] = base + channels[:, 1] * 256 + channels[:, 2]
+            positions[2, slots] = base + channels[:, 3] * 256 + channels[:, 4]
         delta = int(positions.max()) + 1 - positions.shape[1] if positions.numel() else 0
         return cleaned, positions, delta
 
@@ -428,10 +433,13 @@ class _QwenPruningModel(SupportsMultiModalPruning):
                 out += [_with_channels(e) for e in self._process_video_input(media_input)]
         return out
 
-    def _prune_images(self, image_input: Mapping[str, Any], num_kept: object) -> list[torch.Tensor]:
+    def tokenprune_images(self, image_input: Mapping[str, Any]) -> list[ImageTokens]:
+        """Encode pixel images and wrap each one's merged tokens for the method: features
+        ``[N, D]`` in the merger's order, the merged grid ``(h, w)``, and the vision statistics the
+        method requires (as the Hugging Face integration's ``QwenVLAdapter.encode_images``)."""
         grid_thw = torch.as_tensor(image_input["image_grid_thw"]).reshape(-1, 3).tolist()
         probe = self._vision_probe
-        with probe.capture(grid_thw) if probe else contextlib.nullcontext() as captured:
+        with probe.capture(grid_thw) if probe else contextlib.nullcontext({}) as captured:
             features = list(self._process_image_input(image_input))
         records = probe.per_token(captured, grid_thw) if probe else {}
         merge = self.visual.spatial_merge_size
@@ -447,30 +455,28 @@ class _QwenPruningModel(SupportsMultiModalPruning):
             grid = (h // merge, w // merge) if t == 1 else None
             images.append(ImageTokens(features=f, grid=grid, cls_attention=cls_attention, extras=extras or None))
             start += n
+        return images
+
+    def _prune_images(self, image_input: Mapping[str, Any], num_kept: object) -> list[torch.Tensor]:
+        images = self.tokenprune_images(image_input)
         chosen = select_rows(self.tokenprune_method, images, kept_counts(num_kept, len(images)))
-        record_stats(self.tokenprune_stats, [i.num_tokens for i in images], [r.shape[0] for _, r in chosen])
+        record_stats(self.tokenprune_stats, images, chosen)
         out = []
-        for (kept, rows), (t, h, w) in zip(chosen, grid_thw):
+        for image, (kept, rows) in zip(images, chosen):
             if kept is None:
                 out.append(_with_channels(rows))
             else:
-                width = w // merge
-                offsets = torch.stack([torch.ones_like(kept), kept // width, kept % width], dim=1)
-                out.append(_with_channels(rows, offsets))
+                dh, dw = kept // image.grid[1], kept % image.grid[1]
+                channels = torch.stack([torch.ones_like(kept), dh // 256, dh % 256, dw // 256, dw % 256], dim=1)
+                out.append(_with_channels(rows, channels))
         return out
 
 
-def _with_channels(rows: torch.Tensor, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``rows`` ``[n, D]`` with the three position channels appended (zeros: positions are right)."""
-    if offsets is None:
-        return torch.cat([rows, rows.new_zeros(rows.shape[0], POSITION_CHANNELS)], dim=1)
-    limit = int(2 / torch.finfo(rows.dtype).eps)  # largest integer the dtype holds exactly
-    if int(offsets.max()) >= limit:
-        raise RuntimeError(
-            f"tokenprune: grid offsets up to {int(offsets.max())} cannot travel exactly in {rows.dtype} "
-            f"embeddings (exact up to {limit}); serve this image size in float16/float32 or with smaller images"
-        )
-    return torch.cat([rows, offsets.to(device=rows.device, dtype=rows.dtype)], dim=1)
+def _with_channels(rows: torch.Tensor, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rows`` ``[n, D]`` with the position channels appended (zeros: the positions are right)."""
+    if channels is None:
+        channels = rows.new_zeros(rows.shape[0], POSITION_CHANNELS)
+    return torch.cat([rows, channels.to(device=rows.device, dtype=rows.dtype)], dim=1)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -18,9 +18,10 @@ each prefill chunk's embeddings to ``model.recompute_mrope_positions``, which st
 and returns corrected positions and the new ``mrope_position_delta``. This module uses that
 machinery for images:
 
-1. ``get_mrope_input_positions`` computes the pruned prompt's positions: text exactly as unpruned
-   (each image still advances the text position by its full extent) and, for the ``K`` slots of a
-   pruned image, its base position in all three rows (a placeholder);
+1. ``get_mrope_input_positions`` computes the pruned prompt's positions with vLLM's own rule on the
+   unpruned prompt (each pruned image's run expanded back to ``N`` tokens): text exactly as
+   unpruned, and for the ``K`` slots of a pruned image placeholders whose t row is the image's base
+   position;
 2. ``embed_multimodal`` appends :data:`POSITION_CHANNELS` channels to every media row: a flag and
    the kept token's ``(dh, dw)`` offset in the merged grid (split in base-256 digits, which every
    float dtype holds exactly) for a kept token of a pruned image, zeros for rows whose positions
@@ -67,7 +68,7 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalKwargsItems, PlaceholderRange
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
@@ -349,38 +350,37 @@ class _QwenPruningModel(SupportsMultiModalPruning):
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
         """``[3, L]`` M-RoPE positions of the (pruned) prompt and the decode delta.
 
-        As vLLM's (``Qwen2VLForConditionalGeneration.get_mrope_input_positions``), except that a
-        media item whose placeholder run is shorter than its grid (a pruned image) gets its base
-        position in all three rows of its ``K`` slots (filled in by
-        :meth:`recompute_mrope_positions`) and still advances the text position by its whole extent.
+        vLLM's own positions of the unpruned prompt (each pruned image's run expanded back to its
+        ``N`` tokens), restricted to the pruned prompt's slots: a pruned image's ``K`` slots take
+        its first ``K`` grid positions, whose t row is the image's base position (an image's t
+        offset is 0); :meth:`recompute_mrope_positions` writes the kept tokens' own positions.
+        Text after an image therefore continues exactly as without pruning.
         """
-        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        parts: list[np.ndarray] = []
-        start = next_position = 0
-        for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features)):
-            text = offset - start
-            parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            base = next_position + text
-            grid = np.indices((t, h, w))
-            if t_factor != 1.0:
-                grid[0] = (grid[0] * t_factor).astype(np.int64)
-            grid = grid.reshape(3, -1) + base
-            length = feature.mm_position.length
-            if length == grid.shape[1]:
-                parts.append(grid)
-            elif feature.modality == "image" and length < grid.shape[1]:
-                parts.append(np.full((3, length), base))
-            else:
-                raise RuntimeError(
-                    f"tokenprune: a {feature.modality} of {grid.shape[1]} tokens has {length} placeholders"
-                )
-            next_position = int(grid.max()) + 1
-            start = offset + length
-        tail = len(input_tokens) - start
-        parts.append(np.broadcast_to(np.arange(tail), (3, tail)) + next_position)
-        positions = np.concatenate(parts, axis=1)
-        delta = int(positions.max()) + 1 - len(input_tokens) if positions.size else 0
-        return torch.from_numpy(np.ascontiguousarray(positions)), delta
+        tokens: list[int] = []
+        features, keep = [], []
+        cursor = 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            place = feature.mm_position
+            full = self._tokenprune_unpruned_length(feature)
+            tokens += input_tokens[cursor : place.offset]
+            keep += [True] * (place.offset - cursor)
+            features.append(dataclasses.replace(feature, mm_position=PlaceholderRange(offset=len(tokens), length=full)))
+            tokens += [input_tokens[place.offset]] * full
+            keep += [True] * place.length + [False] * (full - place.length)
+            cursor = place.offset + place.length
+        tokens += input_tokens[cursor:]
+        keep += [True] * (len(input_tokens) - cursor)
+        positions, _ = super().get_mrope_input_positions(tokens, features)
+        positions = positions[:, torch.tensor(keep)]
+        return positions, int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
+
+    def _tokenprune_unpruned_length(self, feature: Any) -> int:
+        """Placeholders of ``feature`` without pruning (its length, unless it is a pruned image)."""
+        length = feature.mm_position.length
+        if feature.modality != "image" or feature.data is None or NUM_KEPT_FIELD not in feature.data:
+            return length
+        unit = self.visual.spatial_merge_size**2
+        return int(torch.as_tensor(feature.data["image_grid_thw"].data).prod()) // unit
 
     def recompute_mrope_positions(
         self,

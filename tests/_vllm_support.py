@@ -139,27 +139,44 @@ def generate_records(llm, requests, max_tokens=6):
     ]
 
 
+# Worker-side helpers for ``LLM.apply_model``: module functions, so that an engine in other processes
+# can unpickle them (the tests directory is on their PYTHONPATH, see ``worker_import_path``).
+
+
+def install_position_recorder(model) -> None:
+    """Record the ``positions`` the runner passes to every forward of ``model``."""
+    if not hasattr(model, "_test_positions"):
+        model._test_positions = []
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: module._test_positions.append(kwargs["positions"].clone()),
+            with_kwargs=True,
+        )
+
+
+def take_positions(model):
+    """The positions recorded since the last call, one tensor per forward, and forget them."""
+    out, model._test_positions = model._test_positions, []
+    return out
+
+
+def kept_per_image(model):
+    """The kept token indices of every image of the model's last encoder call."""
+    return [r.kept for r in model.tokenprune_stats.per_image()]
+
+
+def worker_import_path() -> None:
+    """Let vLLM's spawned processes import this module (``apply_model`` pickles its helpers by reference)."""
+    here = str(Path(__file__).resolve().parent)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in paths if p])
+
+
 def record_positions(llm) -> None:
-    """Record the ``positions`` the runner passes to every forward of an in-process engine's model
-    (read them with :func:`recorded_positions`)."""
-
-    def install(model):
-        if not hasattr(model, "_test_positions"):
-            model._test_positions = []
-            model.register_forward_pre_hook(
-                lambda module, args, kwargs: module._test_positions.append(kwargs["positions"].clone()),
-                with_kwargs=True,
-            )
-
-    llm.apply_model(install)
+    """Record the positions of every forward of an in-process engine (read with :func:`recorded_positions`)."""
+    llm.apply_model(install_position_recorder)
 
 
 def recorded_positions(llm):
-    """The positions recorded since the last call, one tensor per forward, and forget them."""
-
-    def take(model):
-        out = list(model._test_positions)
-        model._test_positions.clear()
-        return out
-
-    return llm.apply_model(take)[0]
+    """The positions recorded since the last call (first worker), one tensor per forward."""
+    return llm.apply_model(take_positions)[0]

@@ -240,7 +240,7 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
     weights at the feature layer, and a method that needs it selects from it."""
     from transformers import LlavaForConditionalGeneration
 
-    from tokenprune.integrations.vllm.llava import ClsAttentionProbe
+    from tokenprune.integrations.vllm.llava import ClipVisionProbe
 
     pixel_values = _pixel_values(tiny_llava_576_path, images[:2])
     hf = LlavaForConditionalGeneration.from_pretrained(
@@ -254,17 +254,17 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
 
     @torch.no_grad()
     def probe(model):
-        cls_probe = ClsAttentionProbe(model.vision_tower, model.config.vision_feature_select_strategy)
-        saved = model.tokenprune_method, model._cls_probe
-        model.tokenprune_method, model._cls_probe = method, cls_probe
+        vision_probe = ClipVisionProbe(model.vision_tower, model.config.vision_feature_select_strategy, method.requires)
+        saved = model.tokenprune_method, model._vision_probe
+        model.tokenprune_method, model._vision_probe = method, vision_probe
         try:
-            with cls_probe.capture() as captured:
+            with vision_probe.capture() as records:
                 model.vision_tower(pixel_values, feature_select_strategy="default")
             rows = model.embed_multimodal(pixel_values=pixel_values, tokenprune_num_kept=torch.tensor([48, 48]))
             features = model.multi_modal_projector(model.vision_tower(pixel_values, feature_select_strategy="default"))
         finally:
-            model.tokenprune_method, model._cls_probe = saved
-        return torch.cat(captured).clone(), [r.clone() for r in rows], features.clone()
+            model.tokenprune_method, model._vision_probe = saved
+        return records[vision_probe.feature_layer]["attention"][:, 1:].clone(), [r.clone() for r in rows], features.clone()
 
     scores, rows, features = pruned.apply_model(probe)[0]
     torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-6)
@@ -274,7 +274,7 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
 
 
 def test_wrong_row_count_from_a_method_is_an_error(pruned):
-    from tokenprune.methods.base import VisualPruner
+    from tokenprune.methods.base import ImageTokens, VisualPruner
 
     @dataclass
     class OneRowTooMany(VisualPruner):
@@ -285,7 +285,7 @@ def test_wrong_row_count_from_a_method_is_an_error(pruned):
         saved = model.tokenprune_method
         model.tokenprune_method = OneRowTooMany(keep=8)
         try:
-            model.prune_image_embeddings([torch.randn(N_IMAGE, 16)], [8])
+            model.prune_image_embeddings([ImageTokens(features=torch.randn(N_IMAGE, 16))], [8])
         except RuntimeError as exc:
             return str(exc)
         finally:

@@ -279,8 +279,10 @@ def test_model_runner_v2_recomputes_the_same_positions(pruned, tiny_qwen2_5_vl_p
     ``MultiModalPruner.recompute``; it is driven here with the engine's model, the request's real
     embeddings and minimal stand-ins for its batch/rope/encoder-cache state, in two prefill chunks
     that split an image. The result must equal the V1 runner's (the positions the engine used)."""
-    from vllm.multimodal.inputs import PlaceholderRange
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
     from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner, maybe_create_mm_pruner
+
+    from tokenprune.integrations.vllm.common import NUM_KEPT_FIELD
 
     ids, _, steps = run_alone(pruned, build_requests(images)[2], max_tokens=1)
     v1_positions = torch.cat(steps, dim=1)[:, : len(ids)]
@@ -288,9 +290,11 @@ def test_model_runner_v2_recomputes_the_same_positions(pruned, tiny_qwen2_5_vl_p
     image = (torch.tensor(ids) == 4).nonzero().flatten().tolist()
     offsets = [image[0], image[0] + KEEP]
     features = [
-        SimpleNamespace(modality="image", mm_position=PlaceholderRange(offset=o, length=KEEP),
-                        data={"image_grid_thw": SimpleNamespace(data=g)})
-        for o, g in zip(offsets, grid_thw)
+        MultiModalFeatureSpec(
+            data={"image_grid_thw": SimpleNamespace(data=g), NUM_KEPT_FIELD: SimpleNamespace(data=torch.tensor(KEEP))},
+            modality="image", identifier=f"image{i}", mm_position=PlaceholderRange(offset=o, length=KEEP),
+        )
+        for i, (o, g) in enumerate(zip(offsets, grid_thw))
     ]
 
     @torch.no_grad()

@@ -55,7 +55,8 @@ def check_engine(method: Pruner, vllm_config: Any, architecture: str) -> None:
 
     The statistics come from forward hooks on the tower's attention layers; a compiled tower
     (``compilation_config.compile_mm_encoder``) would run them once at trace time only, and a
-    data-parallel tower (``mm_encoder_tp_mode="data"``) shows each rank only its share of the images.
+    data-parallel tower (``mm_encoder_tp_mode="data"`` with tensor parallelism) shows each rank only
+    its share of the images.
     """
     needed = sorted(set(getattr(method, "requires", ())) & STATISTICS)
     if not needed:
@@ -68,7 +69,8 @@ def check_engine(method: Pruner, vllm_config: Any, architecture: str) -> None:
             "turn it off or use a method without them (e.g. divprune)"
         )
     mm_config = vllm_config.model_config.multimodal_config
-    if mm_config is not None and getattr(mm_config, "mm_encoder_tp_mode", "weights") == "data":
+    sharded = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) > 1
+    if sharded and mm_config is not None and getattr(mm_config, "mm_encoder_tp_mode", "weights") == "data":
         raise ValueError(
             f"tokenprune: {name} needs {', '.join(needed)} from {architecture}'s vision tower, which "
             "mm_encoder_tp_mode = 'data' shards across ranks by image; use mm_encoder_tp_mode='weights' or a "

@@ -170,10 +170,27 @@ class TokenpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             return []
         if image_input["type"] != "pixel_values" or num_kept is None:
             return self._process_image_input(image_input)
+        images, layouts = self.tokenprune_images(image_input)
+        chosen = select_rows(self.tokenprune_method, images, kept_counts(num_kept, len(images)))
+        out = []
+        for (kept, rows), (packed, content, newlines) in zip(chosen, layouts):
+            if kept is None:
+                out.append(packed)
+                continue
+            slots = torch.cat([content[kept], newlines])
+            values = torch.cat([rows, packed[newlines]])
+            out.append(values[torch.argsort(slots)])
+        record_stats(self.tokenprune_stats, images, chosen, before=[p.shape[0] for p, _, _ in layouts],
+                     after=[o.shape[0] for o in out])
+        return out
+
+    def tokenprune_images(self, image_input: Mapping[str, Any]):
+        """Encode pixel images: the method's view of each (its content tokens, as the Hugging Face
+        integration's ``LlavaNextAdapter.encode_images``) and its packed layout ``(packed [L, D],
+        content slots, newline slots)``."""
         probe = self._vision_probe
         with probe.capture() if probe else contextlib.nullcontext({}) as records:
             crops = list(self._process_image_pixels(image_input))  # [crops_i, T, D] per image
-        counts = kept_counts(num_kept, len(crops))
         sizes = image_input["image_sizes"]
         images, layouts, crop_offset = [], [], 0
         for i, patches in enumerate(crops):
@@ -207,15 +224,4 @@ class TokenpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             )
             layouts.append((packed, content, newlines))
             crop_offset += n_crops
-        chosen = select_rows(self.tokenprune_method, images, counts)
-        out = []
-        for (kept, rows), (packed, content, newlines) in zip(chosen, layouts):
-            if kept is None:
-                out.append(packed)
-                continue
-            slots = torch.cat([content[kept], newlines])
-            values = torch.cat([rows, packed[newlines]])
-            out.append(values[torch.argsort(slots)])
-        record_stats(self.tokenprune_stats, images, chosen, before=[p.shape[0] for p, _, _ in layouts],
-                     after=[o.shape[0] for o in out])
-        return out
+        return images, layouts

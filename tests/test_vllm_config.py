@@ -148,7 +148,8 @@ def test_tokenprune_overrides():
     assert qwen["architectures"] == ["TokenpruneQwen2_5_VLForConditionalGeneration"]
     assert set(tpv.PRUNED_ARCHITECTURES) == {
         f"Tokenprune{arch}" for arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                                         "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+                                         "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                                         "Qwen3VLForConditionalGeneration")
     }
     with pytest.raises(ValueError, match="no hook"):
         tpv.tokenprune_overrides(tp.FastV())

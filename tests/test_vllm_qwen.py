@@ -160,7 +160,8 @@ def _kept_by_the_engine(llm, pixel_values, grid_thw):
     @torch.no_grad()
     def probe(model):
         image_input = model._parse_and_validate_image_input(pixel_values=pixel_values, image_grid_thw=grid_thw)
-        return [k.tolist() for k in model.tokenprune_method.select_batch(model.tokenprune_images(image_input))]
+        images, _ = model.tokenprune_images(image_input)
+        return [k.tolist() for k in model.tokenprune_method.select_batch(images)]
 
     return llm.apply_model(probe)[0]
 
@@ -244,7 +245,7 @@ def test_selected_rows_equal_the_hf_integration(pruned, hf_model, images, tiny_q
         model._vision_probe = QwenVisionProbe(model.visual, method.requires) if method.requires else None
         try:
             image_input = model._parse_and_validate_image_input(pixel_values=pixel_values, image_grid_thw=grid_thw)
-            tokens = model.tokenprune_images(image_input)
+            tokens, _ = model.tokenprune_images(image_input)
             rows = model.embed_multimodal(pixel_values=pixel_values, image_grid_thw=grid_thw,
                                           tokenprune_num_kept=torch.tensor(counts))
         finally:

@@ -177,7 +177,10 @@ def kept_counts(num_kept: object, num_images: int) -> list[int]:
 
 
 def select_rows(
-    method: VisualPruner, images: Sequence[ImageTokens], counts: Sequence[int]
+    method: VisualPruner,
+    images: Sequence[ImageTokens],
+    counts: Sequence[int],
+    rows_of: Optional[Sequence[ImageTokens]] = None,
 ) -> list[tuple[Optional[torch.Tensor], torch.Tensor]]:
     """Keep ``counts[i]`` tokens of image ``i``: ``(kept, rows)`` per image.
 
@@ -185,7 +188,9 @@ def select_rows(
     image passes through untouched, so keep-all reproduces the unpatched engine exactly); ``rows``
     ``[counts[i], D]`` the embeddings that fill the placeholders (``method.merge``: the kept rows, or
     merged ones for merging methods). Images are grouped by budget and each group goes to
-    ``select_batch`` at once (one packed ``mmdp_select`` launch for DivPrune).
+    ``select_batch`` at once (one packed ``mmdp_select`` launch for DivPrune). ``rows_of`` are the
+    images whose rows are merged, when they are wider than what the method selects on (Qwen3-VL's
+    rows carry DeepStack features after the embedding).
 
     Raises:
         RuntimeError: a count out of range (processor and model disagree) or a method returning a
@@ -200,7 +205,7 @@ def select_rows(
                 "the processor and the model disagree"
             )
         if k == image.num_tokens:
-            out[i] = (None, image.features)
+            out[i] = (None, (rows_of or images)[i].features)
         else:
             groups[k].append(i)
     for k, members in groups.items():
@@ -208,7 +213,7 @@ def select_rows(
         kept = budget.select_batch([images[i] for i in members])
         for i, idx in zip(members, kept):
             idx = idx.to(images[i].features.device)
-            rows = budget.merge(images[i], idx)
+            rows = budget.merge((rows_of or images)[i], idx)
             if rows.shape[0] != k or idx.shape[0] != k:
                 # vLLM would silently truncate extra rows (and fail on missing ones).
                 raise RuntimeError(

@@ -74,6 +74,10 @@ _OVERRIDES = {
         f"{_OURS}.qwen:TokenpruneQwen2VLForConditionalGeneration",
         f"{_MODELS}.qwen2_vl:Qwen2VLForConditionalGeneration",
     ),
+    "Qwen3VLForConditionalGeneration": (
+        f"{_OURS}.qwen:TokenpruneQwen3VLForConditionalGeneration",
+        f"{_MODELS}.qwen3_vl:Qwen3VLForConditionalGeneration",
+    ),
 }
 #: opt-in architecture name -> pruned class; always registered, selects pruning for one engine.
 PRUNED_ARCHITECTURES = {f"Tokenprune{arch}": pruned for arch, (pruned, _) in _OVERRIDES.items()}
@@ -123,7 +127,8 @@ def register() -> None:
       raised before anything is registered, so vLLM's engine start fails with that message), checks
       the vLLM version, and registers the pruned classes under vLLM's architecture names
       (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-      ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+      ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+      ``Qwen3VLForConditionalGeneration``).
     * When it has a ``"context"`` entry, installs (once per process) the front-end wrapper that
       prunes the ``documents`` of chat requests (:mod:`tokenprune.integrations.vllm.context`).
     * When it is unset again (after :func:`disable`), vLLM's own classes are restored and context

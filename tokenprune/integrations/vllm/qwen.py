@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL in vLLM with pre-LLM visual token pruning of images.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL in vLLM with pre-LLM visual token pruning of images.
 
 The count/selection split is :mod:`tokenprune.integrations.vllm.common`'s: an image of
 ``N = t * h * w / merge^2`` merged tokens gets ``K = method.num_kept(N)`` placeholders, and
@@ -67,6 +67,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalKwargsItems, PlaceholderRange
 from vllm.multimodal.parse import MultiModalDataItems
@@ -91,12 +97,16 @@ __all__ = [
     "QWEN_PROVIDES",
     "TokenpruneQwen2VLForConditionalGeneration",
     "TokenpruneQwen2_5_VLForConditionalGeneration",
+    "TokenpruneQwen3VLForConditionalGeneration",
     "POSITION_CHANNELS",
     "QwenVisionProbe",
 ]
 
-#: inputs the Qwen models compute for methods that ``require`` them (HoloV, VisionZip, FlowCut).
+#: inputs the Qwen2-VL / Qwen2.5-VL models compute for methods that ``require`` them (HoloV,
+#: VisionZip, FlowCut); tested equal to the Hugging Face integration's.
 QWEN_PROVIDES = frozenset({"grid", CLS, KEYS, FLOW})
+#: Qwen3-VL: the grid only (no Hugging Face reference to test its tower's statistics against).
+QWEN3_PROVIDES = frozenset({"grid"})
 #: channels appended to every media row while the runner's pruning path is on:
 #: ``[flag, dh // 256, dh % 256, dw // 256, dw % 256]`` (each < 256: exact even in bfloat16).
 POSITION_CHANNELS = 5
@@ -154,11 +164,20 @@ class TokenpruneQwen2VLProcessingInfo(PruningProcessingInfo, Qwen2VLProcessingIn
     tokenprune_provides = QWEN_PROVIDES
 
 
+class TokenpruneQwen3VLProcessingInfo(PruningProcessingInfo, Qwen3VLProcessingInfo):
+    tokenprune_architecture = "Qwen3VLForConditionalGeneration"
+    tokenprune_provides = QWEN3_PROVIDES
+
+
 class TokenpruneQwen2_5_VLMultiModalProcessor(_QwenPruningProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
 class TokenpruneQwen2VLMultiModalProcessor(_QwenPruningProcessor, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class TokenpruneQwen3VLMultiModalProcessor(_QwenPruningProcessor, Qwen3VLMultiModalProcessor):
     pass
 
 
@@ -322,19 +341,18 @@ class QwenVisionProbe:
 
 
 class _QwenPruningModel(SupportsMultiModalPruning):
-    """What the pruned Qwen2-VL and Qwen2.5-VL classes share (a mixin before vLLM's class)."""
+    """What the pruned Qwen-VL classes share (a mixin before vLLM's class)."""
 
     tokenprune_architecture = ""
+    tokenprune_provides = QWEN_PROVIDES
 
     def _tokenprune_init(self, vllm_config: Any) -> None:
         self.tokenprune_method = configured_method(
-            self.config, self.tokenprune_architecture, QWEN_PROVIDES, vllm_config
+            self.config, self.tokenprune_architecture, self.tokenprune_provides, vllm_config
         )
         check_mrope_runner(vllm_config, self.tokenprune_architecture)
         #: before/after counts per image of the last encoder call (inspect with ``LLM.apply_model``).
         self.tokenprune_stats = PruneStats()
-        # Qwen2.5-VL's own flag: no encoder CUDA graphs (they bypass embed_multimodal's channels).
-        self.is_multimodal_pruning_enabled = True
         self._vision_probe: Optional[QwenVisionProbe] = None
         if self.tokenprune_method.requires & {CLS, KEYS, FLOW}:
             self._vision_probe = QwenVisionProbe(self.visual, self.tokenprune_method.requires)
@@ -433,18 +451,20 @@ class _QwenPruningModel(SupportsMultiModalPruning):
                 out += [_with_channels(e) for e in self._process_video_input(media_input)]
         return out
 
-    def tokenprune_images(self, image_input: Mapping[str, Any]) -> list[ImageTokens]:
-        """Encode pixel images and wrap each one's merged tokens for the method: features
-        ``[N, D]`` in the merger's order, the merged grid ``(h, w)``, and the vision statistics the
-        method requires (as the Hugging Face integration's ``QwenVLAdapter.encode_images``)."""
+    def tokenprune_images(self, image_input: Mapping[str, Any]) -> tuple[list[ImageTokens], list[torch.Tensor]]:
+        """Encode pixel images: each one's merged tokens as the method sees them (features in the
+        merger's order, the merged grid ``(h, w)``, the vision statistics the method requires, as the
+        Hugging Face integration's ``QwenVLAdapter.encode_images``) and its embedding rows (the
+        features, or wider: Qwen3-VL's DeepStack columns)."""
         grid_thw = torch.as_tensor(image_input["image_grid_thw"]).reshape(-1, 3).tolist()
         probe = self._vision_probe
         with probe.capture(grid_thw) if probe else contextlib.nullcontext({}) as captured:
-            features = list(self._process_image_input(image_input))
+            embeddings = list(self._process_image_input(image_input))
         records = probe.per_token(captured, grid_thw) if probe else {}
         merge = self.visual.spatial_merge_size
         images, start = [], 0
-        for f, (t, h, w) in zip(features, grid_thw):
+        for rows, (t, h, w) in zip(embeddings, grid_thw):
+            f = self._tokenprune_selection_features(rows)
             n = f.shape[0]
             cls_attention, extras = select_records(
                 records, probe.feature_layer if probe else 0, self.tokenprune_method.requires,
@@ -455,11 +475,16 @@ class _QwenPruningModel(SupportsMultiModalPruning):
             grid = (h // merge, w // merge) if t == 1 else None
             images.append(ImageTokens(features=f, grid=grid, cls_attention=cls_attention, extras=extras or None))
             start += n
-        return images
+        return images, embeddings
+
+    def _tokenprune_selection_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """The columns of an image's embedding rows the method selects on (all of them here)."""
+        return rows
 
     def _prune_images(self, image_input: Mapping[str, Any], num_kept: object) -> list[torch.Tensor]:
-        images = self.tokenprune_images(image_input)
-        chosen = select_rows(self.tokenprune_method, images, kept_counts(num_kept, len(images)))
+        images, embeddings = self.tokenprune_images(image_input)
+        full = [dataclasses.replace(image, features=rows) for image, rows in zip(images, embeddings)]
+        chosen = select_rows(self.tokenprune_method, images, kept_counts(num_kept, len(images)), full)
         record_stats(self.tokenprune_stats, images, chosen)
         out = []
         for image, (kept, rows) in zip(images, chosen):
@@ -507,3 +532,27 @@ class TokenpruneQwen2VLForConditionalGeneration(_QwenPruningModel, Qwen2VLForCon
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._tokenprune_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _processor_builder(TokenpruneQwen3VLMultiModalProcessor),
+    info=_info_builder(TokenpruneQwen3VLProcessingInfo),
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class TokenpruneQwen3VLForConditionalGeneration(_QwenPruningModel, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL whose images keep ``K`` merged tokens each, at their original positions.
+
+    Its image rows are the merger output followed by the DeepStack mergers' features
+    (``[N, D * (1 + levels)]``); the method selects on the first ``D`` columns and whole rows are
+    kept (merged rows: every column merged alike).
+    """
+
+    tokenprune_architecture = "Qwen3VLForConditionalGeneration"
+    tokenprune_provides = QWEN3_PROVIDES
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._tokenprune_init(vllm_config)
+
+    def _tokenprune_selection_features(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[:, : self.visual_dim]

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _vllm_support import engine_kwargs, make_llm, registered_target, reload_plugins, shutdown, vllm_env  # noqa: F401
+from _vllm_support import (  # noqa: F401
+    generate_records,
+    make_llm,
+    registered_target,
+    reload_plugins,
+    shutdown,
+    vllm_env,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -40,21 +47,6 @@ def build_requests(images, **mm_kwargs):
     ]
 
 
-def run(llm, requests, max_tokens=6):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
-    outs = llm.generate(requests, params, use_tqdm=False)
-    return [
-        {
-            "prompt_len": len(o.prompt_token_ids),
-            "tokens": list(o.outputs[0].token_ids),
-            "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
-        }
-        for o in outs
-    ]
-
-
 def _saved_env():
     from tokenprune.integrations.vllm import ENV_VAR
 
@@ -72,7 +64,7 @@ def baseline(vllm_env, tiny_llava_576_path, images):  # noqa: F811
         record = {
             "registered": registered_target("LlavaForConditionalGeneration"),
             "model_cls": llm.apply_model(lambda m: f"{type(m).__module__}:{type(m).__name__}")[0],
-            "outputs": run(llm, build_requests(images)),
+            "outputs": generate_records(llm, build_requests(images)),
         }
         shutdown(llm)
     finally:
@@ -117,7 +109,7 @@ def test_no_configuration_leaves_vllm_untouched(baseline):
 
 def test_keep64_drops_512_prompt_tokens_and_generates(pruned, baseline, images):
     assert registered_target("LlavaForConditionalGeneration") == PRUNED_LLAVA
-    outs = run(pruned, build_requests(images))
+    outs = generate_records(pruned, build_requests(images))
     for got, ref, n_images in zip(outs, baseline["outputs"], (1, 1, 2)):
         assert got["prompt_len"] == ref["prompt_len"] - n_images * (N_IMAGE - 64)
         assert len(got["tokens"]) == 6
@@ -127,7 +119,7 @@ def test_keep64_drops_512_prompt_tokens_and_generates(pruned, baseline, images):
 
 @pytest.mark.parametrize("keep", [N_IMAGE, 1.0, 10_000])
 def test_keep_all_reproduces_unpatched_engine(pruned, baseline, images, keep):
-    outs = run(pruned, build_requests(images, tokenprune_keep=keep))
+    outs = generate_records(pruned, build_requests(images, tokenprune_keep=keep))
     for got, ref in zip(outs, baseline["outputs"]):
         assert got["prompt_len"] == ref["prompt_len"]
         assert got["tokens"] == ref["tokens"]
@@ -138,7 +130,7 @@ def test_per_request_override(pruned, baseline, images):
     requests = build_requests(images)
     requests[0]["mm_processor_kwargs"] = {"tokenprune_keep": 32}
     requests[1]["mm_processor_kwargs"] = {"tokenprune_keep": 0.25}
-    outs = run(pruned, requests)
+    outs = generate_records(pruned, requests)
     ref = [o["prompt_len"] for o in baseline["outputs"]]
     assert outs[0]["prompt_len"] == ref[0] - (N_IMAGE - 32)
     assert outs[1]["prompt_len"] == ref[1] - (N_IMAGE - 144)
@@ -171,7 +163,7 @@ def test_prefix_cache_reuses_pruned_prompts_and_never_mixes_budgets(pruned, imag
 
 def test_bad_per_request_budget_is_rejected(pruned, images):
     with pytest.raises(ValueError, match="tokenprune_keep"):
-        run(pruned, build_requests(images, tokenprune_keep=0)[:1])
+        generate_records(pruned, build_requests(images, tokenprune_keep=0)[:1])
 
 
 def _pixel_values(model_path, images):

@@ -108,8 +108,9 @@ def check_context(pruner: Any, source: str) -> None:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"tokenprune: {source}['device'] = {pruner.device!r} is not a torch device ({exc})") from None
     if device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
             raise ValueError(f"tokenprune: {source}['device'] = {pruner.device!r}, but this machine has no {device.type} device")
     if not isinstance(pruner.scorer, str):
         return

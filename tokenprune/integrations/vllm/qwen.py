@@ -112,7 +112,7 @@ QWEN3_PROVIDES = frozenset({"grid"})
 POSITION_CHANNELS = 5
 
 
-def _check_engine(ctx: InputProcessingContext) -> None:
+def _check_video_pruning(ctx: InputProcessingContext) -> None:
     rate = ctx.get_mm_config().video_pruning_rate
     if rate:
         raise ValueError(
@@ -183,7 +183,7 @@ class TokenpruneQwen3VLMultiModalProcessor(_QwenPruningProcessor, Qwen3VLMultiMo
 
 def _info_builder(cls):
     def build(ctx: InputProcessingContext):
-        _check_engine(ctx)
+        _check_video_pruning(ctx)
         info = cls(ctx)
         info.tokenprune_method()  # a bad hf_overrides value fails here, at engine start
         return info
@@ -374,6 +374,9 @@ class _QwenPruningModel(SupportsMultiModalPruning):
         offset is 0); :meth:`recompute_mrope_positions` writes the kept tokens' own positions.
         Text after an image therefore continues exactly as without pruning.
         """
+        lengths = [self._tokenprune_unpruned_length(f) for f in mm_features]
+        if all(n == f.mm_position.length for n, f in zip(lengths, mm_features)):
+            return super().get_mrope_input_positions(input_tokens, mm_features)
         tokens: list[int] = []
         features, keep = [], []
         cursor = 0
@@ -413,8 +416,7 @@ class _QwenPruningModel(SupportsMultiModalPruning):
         cleaned = [m[:, :-POSITION_CHANNELS] for m in multimodal_embeddings]
         positions = mrope_positions
         rows = [m[:, -POSITION_CHANNELS:] for m in multimodal_embeddings]
-        flagged = [r for r in rows if r.shape[0] and bool(r[:, 0].any())]
-        if flagged:
+        if any(r.shape[0] and bool(r[:, 0].any()) for r in rows):
             ids = torch.as_tensor(input_ids, device=positions.device)
             media = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
             media[:num_computed_tokens] = False

@@ -73,3 +73,12 @@ def tiny_qwen3_vl_path(fixtures_dir):
     from tokenprune.fixtures import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(fixtures_dir / "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_path(fixtures_dir):
+    """Tiny Qwen2-VL: as Qwen2.5-VL's fixture, full attention in every vision block."""
+    pytest.importorskip("transformers")
+    from tokenprune.fixtures import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(fixtures_dir / "tiny-qwen2-vl")

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from _vllm_support import (  # noqa: F401
+    assert_same_outputs,
     generate_records,
     make_llm,
     registered_target,
     reload_plugins,
     shutdown,
+    untouched_engine,
     vllm_env,
 )
 
@@ -56,21 +58,12 @@ def _saved_env():
 @pytest.fixture(scope="module")
 def baseline(vllm_env, tiny_llava_576_path, images):  # noqa: F811
     """vLLM with the plugin loaded but nothing configured."""
-    from tokenprune.integrations.vllm import ENV_VAR
-
-    saved = _saved_env()
-    try:
-        llm = make_llm(tiny_llava_576_path)
-        record = {
+    with untouched_engine(tiny_llava_576_path) as llm:
+        return {
             "registered": registered_target("LlavaForConditionalGeneration"),
             "model_cls": llm.apply_model(lambda m: f"{type(m).__module__}:{type(m).__name__}")[0],
             "outputs": generate_records(llm, build_requests(images)),
         }
-        shutdown(llm)
-    finally:
-        if saved is not None:
-            os.environ[ENV_VAR] = saved
-    return record
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +113,7 @@ def test_keep64_drops_512_prompt_tokens_and_generates(pruned, baseline, images):
 @pytest.mark.parametrize("keep", [N_IMAGE, 1.0, 10_000])
 def test_keep_all_reproduces_unpatched_engine(pruned, baseline, images, keep):
     outs = generate_records(pruned, build_requests(images, tokenprune_keep=keep))
-    for got, ref in zip(outs, baseline["outputs"]):
-        assert got["prompt_len"] == ref["prompt_len"]
-        assert got["tokens"] == ref["tokens"]
-        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(ref["logprobs"]), rtol=0, atol=1e-5)
+    assert_same_outputs(outs, baseline["outputs"])
 
 
 def test_per_request_override(pruned, baseline, images):

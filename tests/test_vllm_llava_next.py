@@ -9,12 +9,20 @@ Two engines: vLLM untouched, then DivPrune(keep=10) enabled with ``tpv.enable``.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-from _vllm_support import generate_records, make_llm, registered_target, shutdown, vllm_env  # noqa: F401
+from _vllm_support import (  # noqa: F401
+    VISUAL_METHODS,
+    assert_same_image_tokens,
+    assert_same_outputs,
+    generate_records,
+    pruned_engine,
+    registered_target,
+    untouched_engine,
+    vllm_env,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -48,32 +56,16 @@ SIZES = [[SQUARE], [WIDE], [WIDE, SQUARE]]
 
 @pytest.fixture(scope="module")
 def baseline(vllm_env, tiny_llava_next_path, images):  # noqa: F811
-    from tokenprune.integrations.vllm import ENV_VAR, register
-
-    saved = os.environ.pop(ENV_VAR, None)
-    try:
-        register()
-        llm = make_llm(tiny_llava_next_path)
-        record = {"registered": registered_target(NEXT), "outputs": generate_records(llm, build_requests(images))}
-        shutdown(llm)
-    finally:
-        if saved is not None:
-            os.environ[ENV_VAR] = saved
-    return record
+    with untouched_engine(tiny_llava_next_path) as llm:
+        return {"registered": registered_target(NEXT), "outputs": generate_records(llm, build_requests(images))}
 
 
 @pytest.fixture(scope="module")
 def pruned(baseline, vllm_env, tiny_llava_next_path):  # noqa: F811
     import tokenprune as tp
-    from tokenprune.integrations import vllm as tpv
 
-    tpv.enable(tp.DivPrune(keep=KEEP, impl="torch"))
-    try:
-        llm = make_llm(tiny_llava_next_path)
+    with pruned_engine(tiny_llava_next_path, tp.DivPrune(keep=KEEP, impl="torch")) as llm:
         yield llm
-        shutdown(llm)
-    finally:
-        tpv.disable()
 
 
 def test_count_rule_keeps_k_content_tokens_and_every_newline(pruned, baseline, images):
@@ -90,11 +82,7 @@ def test_count_rule_keeps_k_content_tokens_and_every_newline(pruned, baseline, i
 
 @pytest.mark.parametrize("keep", [1.0, 80, 10_000])
 def test_keep_all_reproduces_the_untouched_engine(pruned, baseline, images, keep):
-    outs = generate_records(pruned, build_requests(images, tokenprune_keep=keep))
-    for got, ref in zip(outs, baseline["outputs"]):
-        assert got["prompt_len"] == ref["prompt_len"]
-        assert got["tokens"] == ref["tokens"]
-        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(ref["logprobs"]), rtol=0, atol=1e-5)
+    assert_same_outputs(generate_records(pruned, build_requests(images, tokenprune_keep=keep)), baseline["outputs"])
 
 
 def test_per_request_budgets(pruned, baseline, images):
@@ -108,16 +96,6 @@ def test_per_request_budgets(pruned, baseline, images):
     assert outs[2]["prompt_len"] == ref[2] - (64 - KEEP) - (80 - KEEP)
 
 
-METHODS = {
-    "divprune": {"method": "divprune", "impl": "torch"},
-    "random": {"method": "random", "seed": 1},
-    "grid": {"method": "grid"},
-    "holov": {"method": "holov", "crops": 4},
-    "visionzip": {"method": "visionzip"},
-    "flowcut": {"method": "flowcut"},
-}
-
-
 @pytest.fixture(scope="module")
 def hf_model(tiny_llava_next_path):
     from transformers import LlavaNextForConditionalGeneration
@@ -125,7 +103,7 @@ def hf_model(tiny_llava_next_path):
     return LlavaNextForConditionalGeneration.from_pretrained(str(tiny_llava_next_path), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", list(VISUAL_METHODS))
 def test_selection_equals_the_hf_integration_and_newlines_stay(pruned, hf_model, images, tiny_llava_next_path, name):
     """Same checkpoint, same pixels: the content tokens, blocks and [CLS] statistics equal the
     Hugging Face adapter's, the method keeps the same tokens, and the placeholder rows are the kept
@@ -137,7 +115,7 @@ def test_selection_equals_the_hf_integration_and_newlines_stay(pruned, hf_model,
     from tokenprune.integrations.vllm.config import parse_config
     from tokenprune.integrations.vllm.llava import ClipVisionProbe
 
-    method = parse_config(METHODS[name])
+    method = parse_config(VISUAL_METHODS[name])
     pil = [images["wide"], images["square"]]
     processed = AutoProcessor.from_pretrained(str(tiny_llava_next_path)).image_processor(pil, return_tensors="pt")
     pixel_values, image_sizes = processed["pixel_values"], processed["image_sizes"]
@@ -172,17 +150,7 @@ def test_selection_equals_the_hf_integration_and_newlines_stay(pruned, hf_model,
 
     tokens, layouts, rows, newline = pruned.apply_model(probe)[0]
     for got, ref in zip(tokens, ref_images):
-        torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
-        assert got.blocks == ref.blocks and got.grid == ref.grid
-        if ref.cls_attention is not None:
-            torch.testing.assert_close(got.cls_attention, ref.cls_attention, rtol=1e-4, atol=1e-6)
-        if "keys" in method.requires:
-            torch.testing.assert_close(got.extras["keys"], ref.extras["keys"], rtol=1e-4, atol=1e-5)
-        if "flow_layers" in method.requires:
-            for g, r in zip(got.extras["flow_layers"], ref.extras["flow_layers"], strict=True):
-                assert g.keys() == r.keys()
-                for key in g:
-                    torch.testing.assert_close(g[key], r[key], rtol=1e-4, atol=1e-5)
+        assert_same_image_tokens(got, ref, method.requires)
     for row, (packed, content, newlines), ref, kept, budget in zip(rows, layouts, ref_images, ref_kept, budgets):
         assert row.shape[0] == kept.numel() + newlines.numel()
         slots = torch.sort(torch.cat([content[kept], newlines])).values

@@ -11,19 +11,21 @@ same checkpoint is the reference for features, statistics and selections.
 from __future__ import annotations
 
 import dataclasses
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from _vllm_support import (  # noqa: F401
+    VISUAL_METHODS,
+    assert_same_image_tokens,
+    assert_same_outputs,
     generate_records,
-    make_llm,
+    pruned_engine,
     record_positions,
     recorded_positions,
     registered_target,
-    shutdown,
+    untouched_engine,
     vllm_env,
 )
 
@@ -69,39 +71,23 @@ def run_alone(llm, request, max_tokens=4):
 
 @pytest.fixture(scope="module")
 def baseline(vllm_env, tiny_qwen2_5_vl_path, images):  # noqa: F811
-    from tokenprune.integrations.vllm import ENV_VAR, register
-
-    saved = os.environ.pop(ENV_VAR, None)
-    try:
-        register()
-        llm = make_llm(tiny_qwen2_5_vl_path, **ENGINE)
+    with untouched_engine(tiny_qwen2_5_vl_path, **ENGINE) as llm:
         record_positions(llm)
-        record = {
+        return {
             "registered": registered_target(QWEN),
             "model_cls": llm.apply_model(lambda m: type(m).__name__)[0],
             "outputs": generate_records(llm, build_requests(images)),
             "alone": run_alone(llm, build_requests(images)[2]),
         }
-        shutdown(llm)
-    finally:
-        if saved is not None:
-            os.environ[ENV_VAR] = saved
-    return record
 
 
 @pytest.fixture(scope="module")
 def pruned(baseline, vllm_env, tiny_qwen2_5_vl_path):  # noqa: F811
     import tokenprune as tp
-    from tokenprune.integrations import vllm as tpv
 
-    tpv.enable(tp.DivPrune(keep=KEEP, impl="torch"))
-    try:
-        llm = make_llm(tiny_qwen2_5_vl_path, **ENGINE)
+    with pruned_engine(tiny_qwen2_5_vl_path, tp.DivPrune(keep=KEEP, impl="torch"), **ENGINE) as llm:
         record_positions(llm)
         yield llm
-        shutdown(llm)
-    finally:
-        tpv.disable()
 
 
 def test_no_configuration_leaves_vllm_untouched(baseline):
@@ -123,11 +109,7 @@ def test_prompt_drops_n_minus_k_per_image_and_generates(pruned, baseline, images
 
 @pytest.mark.parametrize("keep", [1.0, 24, 10_000])
 def test_keep_all_reproduces_the_untouched_engine(pruned, baseline, images, keep):
-    outs = generate_records(pruned, build_requests(images, tokenprune_keep=keep))
-    for got, ref in zip(outs, baseline["outputs"]):
-        assert got["prompt_len"] == ref["prompt_len"]
-        assert got["tokens"] == ref["tokens"]
-        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(ref["logprobs"]), rtol=0, atol=1e-5)
+    assert_same_outputs(generate_records(pruned, build_requests(images, tokenprune_keep=keep)), baseline["outputs"])
 
 
 def test_per_request_budgets(pruned, baseline, images):
@@ -201,16 +183,6 @@ def test_kept_tokens_keep_their_original_mrope_positions_and_decode_continues(
     assert len(tokens) == len(ref_tokens) == 4
 
 
-METHODS = {
-    "divprune": {"method": "divprune", "impl": "torch"},
-    "random": {"method": "random", "seed": 1},
-    "grid": {"method": "grid"},
-    "holov": {"method": "holov", "crops": 4},
-    "visionzip": {"method": "visionzip"},
-    "flowcut": {"method": "flowcut"},
-}
-
-
 @pytest.fixture(scope="module")
 def hf_model(tiny_qwen2_5_vl_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -218,7 +190,7 @@ def hf_model(tiny_qwen2_5_vl_path):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_qwen2_5_vl_path), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", list(VISUAL_METHODS))
 def test_selected_rows_equal_the_hf_integration(pruned, hf_model, images, tiny_qwen2_5_vl_path, name):
     """Same checkpoint, same pixels: the vLLM model's features and vision statistics equal the
     Hugging Face adapter's, the method keeps the same tokens, and the rows placed in the prompt are
@@ -227,7 +199,7 @@ def test_selected_rows_equal_the_hf_integration(pruned, hf_model, images, tiny_q
     from tokenprune.integrations.vllm.config import parse_config
     from tokenprune.integrations.vllm.qwen import POSITION_CHANNELS, QwenVisionProbe
 
-    method = parse_config(METHODS[name])
+    method = parse_config(VISUAL_METHODS[name])
     pixel_values, grid_thw = _pixels(tiny_qwen2_5_vl_path, [images["tall"], images["square"]])
     counts = [7, 5]
     with torch.no_grad():
@@ -254,18 +226,8 @@ def test_selected_rows_equal_the_hf_integration(pruned, hf_model, images, tiny_q
 
     tokens, rows = pruned.apply_model(probe)[0]
     for got, ref, (_, h, w) in zip(tokens, ref_images, grid_thw.tolist()):
-        torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
-        assert got.grid == ref.grid == (h // 2, w // 2)
-        if ref.cls_attention is not None:
-            torch.testing.assert_close(got.cls_attention, ref.cls_attention, rtol=1e-4, atol=1e-6)
-        if "keys" in method.requires:
-            torch.testing.assert_close(got.extras["keys"], ref.extras["keys"], rtol=1e-4, atol=1e-5)
-        if "flow_layers" in method.requires:
-            assert got.extras["flow_final_layer"] == ref.extras["flow_final_layer"]
-            for g, r in zip(got.extras["flow_layers"], ref.extras["flow_layers"], strict=True):
-                assert g.keys() == r.keys()
-                for key in g:
-                    torch.testing.assert_close(g[key], r[key], rtol=1e-4, atol=1e-5)
+        assert_same_image_tokens(got, ref, method.requires)
+        assert got.grid == (h // 2, w // 2)
     for row, ref, k, kept, budget in zip(rows, ref_images, counts, ref_kept, budgets):
         assert row.shape == (k, ref.features.shape[1] + POSITION_CHANNELS)
         channels = row[:, -POSITION_CHANNELS:].round().long()
@@ -328,3 +290,39 @@ def test_model_runner_v2_recomputes_the_same_positions(pruned, tiny_qwen2_5_vl_p
     assert not torch.equal(placeholders, v1_positions)  # the image slots did need the repair
     assert torch.equal(positions, v1_positions)
     assert delta == int(v1_positions.max()) + 1 - len(ids)
+
+
+def test_qwen2_vl_end_to_end(vllm_env, tiny_qwen2_vl_path, images):  # noqa: F811
+    """Qwen2-VL (vLLM's Qwen2VLForConditionalGeneration, no window attention, the protocol added by
+    the plugin): HoloV keeps the Hugging Face integration's tokens, at their original positions,
+    and keep-all is the untouched engine."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import tokenprune as tp
+    from tokenprune.integrations.hf.adapters import get_adapter
+
+    request = build_requests(images)[1]  # the tall image: 24 merged tokens
+    with untouched_engine(tiny_qwen2_vl_path, **ENGINE) as llm:
+        record_positions(llm)
+        ref_ids, _, ref_steps = run_alone(llm, request)
+        reference = generate_records(llm, [request])
+    method = tp.HoloV(keep=KEEP, crops=4)
+    with pruned_engine(tiny_qwen2_vl_path, method, **ENGINE) as llm:
+        record_positions(llm)
+        ids, _, steps = run_alone(llm, request)
+        (kept,) = llm.apply_model(lambda m: [r.kept for r in m.tokenprune_stats.per_image()])[0]
+        assert_same_outputs(generate_records(llm, [dict(request, mm_processor_kwargs={"tokenprune_keep": 1.0})]), reference)
+    assert len(ref_ids) - len(ids) == N[TALL] - KEEP
+
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(tiny_qwen2_vl_path), dtype=torch.float32).eval()
+    pixels, grid = _pixels(tiny_qwen2_vl_path, [images["tall"]], engine=False)
+    with torch.no_grad():
+        (hf_image,) = get_adapter(hf).encode_images({"pixel_values": pixels, "image_grid_thw": grid}, method.requires)
+    assert list(kept) == method.select(hf_image).tolist()
+
+    keep_mask = torch.ones(len(ref_ids), dtype=torch.bool)
+    start = ref_ids.index(4)
+    keep_mask[start : start + N[TALL]] = False
+    keep_mask[start + torch.tensor(kept)] = True
+    assert torch.equal(torch.cat(steps, dim=1)[:, : len(ids)], torch.cat(ref_steps, dim=1)[:, : len(ref_ids)][:, keep_mask])
+    assert all(torch.equal(a, b) for a, b in zip(steps[-3:], ref_steps[-3:]))

@@ -10,19 +10,19 @@ method run on the engine's own features.
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from _vllm_support import (  # noqa: F401
+    assert_same_outputs,
     generate_records,
-    make_llm,
+    pruned_engine,
     record_positions,
     recorded_positions,
     registered_target,
-    shutdown,
+    untouched_engine,
     vllm_env,
 )
 
@@ -64,38 +64,22 @@ def run_alone(llm, request, max_tokens=4):
 
 @pytest.fixture(scope="module")
 def baseline(vllm_env, tiny_qwen3_vl_path, images):  # noqa: F811
-    from tokenprune.integrations.vllm import ENV_VAR, register
-
-    saved = os.environ.pop(ENV_VAR, None)
-    try:
-        register()
-        llm = make_llm(tiny_qwen3_vl_path, **ENGINE)
+    with untouched_engine(tiny_qwen3_vl_path, **ENGINE) as llm:
         record_positions(llm)
-        record = {
+        return {
             "registered": registered_target(QWEN3),
             "outputs": generate_records(llm, build_requests(images)),
             "alone": run_alone(llm, build_requests(images)[2]),
         }
-        shutdown(llm)
-    finally:
-        if saved is not None:
-            os.environ[ENV_VAR] = saved
-    return record
 
 
 @pytest.fixture(scope="module")
 def pruned(baseline, vllm_env, tiny_qwen3_vl_path):  # noqa: F811
     import tokenprune as tp
-    from tokenprune.integrations import vllm as tpv
 
-    tpv.enable(tp.DivPrune(keep=KEEP, impl="torch"))
-    try:
-        llm = make_llm(tiny_qwen3_vl_path, **ENGINE)
+    with pruned_engine(tiny_qwen3_vl_path, tp.DivPrune(keep=KEEP, impl="torch"), **ENGINE) as llm:
         record_positions(llm)
         yield llm
-        shutdown(llm)
-    finally:
-        tpv.disable()
 
 
 def test_prompt_drops_n_minus_k_per_image_and_keep_all_is_exact(pruned, baseline, images):
@@ -105,10 +89,7 @@ def test_prompt_drops_n_minus_k_per_image_and_keep_all_is_exact(pruned, baseline
         assert got["prompt_len"] == ref["prompt_len"] - n_images * (N - KEEP)
         assert len(got["tokens"]) == 6
     for keep in (1.0, 10_000):
-        outs = generate_records(pruned, build_requests(images, tokenprune_keep=keep))
-        for got, ref in zip(outs, baseline["outputs"]):
-            assert got["prompt_len"] == ref["prompt_len"] and got["tokens"] == ref["tokens"]
-            torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(ref["logprobs"]), rtol=0, atol=1e-5)
+        assert_same_outputs(generate_records(pruned, build_requests(images, tokenprune_keep=keep)), baseline["outputs"])
     requests = build_requests(images)
     requests[0]["mm_processor_kwargs"] = {"tokenprune_keep": 0.5}
     assert generate_records(pruned, requests[:1])[0]["prompt_len"] == baseline["outputs"][0]["prompt_len"] - N // 2

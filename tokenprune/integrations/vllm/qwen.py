@@ -54,7 +54,6 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from transformers import BatchFeature
-from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -340,9 +339,16 @@ class QwenVisionProbe:
 # --------------------------------------------------------------------------- model
 
 
-class _QwenPruningModel(SupportsMultiModalPruning):
-    """What the pruned Qwen-VL classes share (a mixin before vLLM's class)."""
+class _QwenPruningModel:
+    """What the pruned Qwen-VL classes share (a mixin before vLLM's class).
 
+    It implements vLLM's ``SupportsMultiModalPruning`` (``recompute_mrope_positions``) and says so
+    with the attribute vLLM checks; it does not subclass that ``Protocol``, whose ``__init__`` would
+    cut the ``__init__`` chain of a model class that does not list it (Qwen2-VL).
+    """
+
+    #: read by ``vllm.model_executor.models.interfaces.supports_multimodal_pruning``.
+    supports_multimodal_pruning = True
     tokenprune_architecture = ""
     tokenprune_provides = QWEN_PROVIDES
 

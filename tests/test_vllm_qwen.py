@@ -292,6 +292,7 @@ def test_model_runner_v2_recomputes_the_same_positions(pruned, tiny_qwen2_5_vl_p
     assert delta == int(v1_positions.max()) + 1 - len(ids)
 
 
+@pytest.mark.slow
 def test_qwen2_vl_end_to_end(vllm_env, tiny_qwen2_vl_path, images):  # noqa: F811
     """Qwen2-VL (vLLM's Qwen2VLForConditionalGeneration, no window attention, the protocol added by
     the plugin): HoloV keeps the Hugging Face integration's tokens, at their original positions,

@@ -30,6 +30,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
+from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, cls_query_record, select_records
 from tokenprune.integrations.vllm.common import (
     NUM_KEPT_FIELD,
     PruningProcessingInfo,
@@ -41,7 +42,6 @@ from tokenprune.integrations.vllm.common import (
     select_rows,
 )
 from tokenprune.integrations.vllm.config import ENV_VAR
-from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, cls_query_record, select_records
 from tokenprune.methods.base import ImageTokens
 from tokenprune.stats import PruneStats
 

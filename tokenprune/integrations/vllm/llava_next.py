@@ -41,6 +41,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
+from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, select_records
 from tokenprune.integrations.vllm.common import (
     NUM_KEPT_FIELD,
     PruningProcessingInfo,
@@ -51,7 +52,6 @@ from tokenprune.integrations.vllm.common import (
     record_stats,
     select_rows,
 )
-from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, select_records
 from tokenprune.integrations.vllm.llava import LLAVA_PROVIDES, ClipVisionProbe
 from tokenprune.methods.base import ImageTokens
 from tokenprune.stats import PruneStats

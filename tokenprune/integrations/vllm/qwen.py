@@ -77,6 +77,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems, PlaceholderRange
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
+from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, mean_query_record, select_records
 from tokenprune.integrations.vllm.checks import check_mrope_runner
 from tokenprune.integrations.vllm.common import (
     NUM_KEPT_FIELD,
@@ -88,7 +89,6 @@ from tokenprune.integrations.vllm.common import (
     record_stats,
     select_rows,
 )
-from tokenprune.integrations.hf.probes import CLS, FLOW, KEYS, mean_query_record, select_records
 from tokenprune.methods.base import ImageTokens
 from tokenprune.stats import PruneStats
 

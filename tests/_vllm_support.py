@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -121,3 +122,137 @@ def registered_target(arch: str) -> str:
     if hasattr(entry, "model_cls"):
         return f"{entry.model_cls.__module__}:{entry.model_cls.__name__}"
     return f"{entry.module_name}:{entry.class_name}"
+
+
+def generate_records(llm, requests, max_tokens=6):
+    """Greedy outputs of ``requests``: prompt length, tokens and the chosen tokens' logprobs."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
+    outs = llm.generate(requests, params, use_tqdm=False)
+    return [
+        {
+            "prompt_len": len(o.prompt_token_ids),
+            "tokens": list(o.outputs[0].token_ids),
+            "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+        }
+        for o in outs
+    ]
+
+
+# Worker-side helpers for ``LLM.apply_model``: module functions, so that an engine in other processes
+# can unpickle them (the tests directory is on their PYTHONPATH, see ``worker_import_path``).
+
+
+def install_position_recorder(model) -> None:
+    """Record the ``positions`` the runner passes to every forward of ``model``."""
+    if not hasattr(model, "_test_positions"):
+        model._test_positions = []
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: module._test_positions.append(kwargs["positions"].clone()),
+            with_kwargs=True,
+        )
+
+
+def take_positions(model):
+    """The positions recorded since the last call, one tensor per forward, and forget them."""
+    out, model._test_positions = model._test_positions, []
+    return out
+
+
+def kept_per_image(model):
+    """The kept token indices of every image of the model's last encoder call."""
+    return [r.kept for r in model.tokenprune_stats.per_image()]
+
+
+def worker_import_path() -> None:
+    """Let vLLM's spawned processes import this module (``apply_model`` pickles its helpers by reference)."""
+    here = str(Path(__file__).resolve().parent)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here] + [p for p in paths if p])
+
+
+def record_positions(llm) -> None:
+    """Record the positions of every forward of an in-process engine (read with :func:`recorded_positions`)."""
+    llm.apply_model(install_position_recorder)
+
+
+def recorded_positions(llm):
+    """The positions recorded since the last call (first worker), one tensor per forward."""
+    return llm.apply_model(take_positions)[0]
+
+
+@contextlib.contextmanager
+def untouched_engine(model_path, **overrides):
+    """An in-process engine with the plugin loaded and nothing configured (vLLM's own classes)."""
+    from tokenprune.integrations.vllm import ENV_VAR, register
+
+    saved = os.environ.pop(ENV_VAR, None)
+    try:
+        register()
+        llm = make_llm(model_path, **overrides)
+        try:
+            yield llm
+        finally:
+            shutdown(llm)
+    finally:
+        if saved is not None:
+            os.environ[ENV_VAR] = saved
+
+
+@contextlib.contextmanager
+def pruned_engine(model_path, method, **overrides):
+    """An in-process engine pruning with ``method`` (``tpv.enable``, undone afterwards)."""
+    from tokenprune.integrations import vllm as tpv
+
+    tpv.enable(method)
+    try:
+        llm = make_llm(model_path, **overrides)
+        try:
+            yield llm
+        finally:
+            shutdown(llm)
+    finally:
+        tpv.disable()
+
+
+def assert_same_outputs(outs, refs) -> None:
+    """Same prompt lengths, greedy tokens and chosen-token logprobs (:func:`generate_records`)."""
+    import torch
+
+    assert len(outs) == len(refs)
+    for got, ref in zip(outs, refs):
+        assert got["prompt_len"] == ref["prompt_len"]
+        assert got["tokens"] == ref["tokens"]
+        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(ref["logprobs"]), rtol=0, atol=1e-5)
+
+
+#: a configuration of every pre-LLM method the vLLM models run (``TOKENPRUNE_CONFIG`` form).
+VISUAL_METHODS = {
+    "divprune": {"method": "divprune", "impl": "torch"},
+    "random": {"method": "random", "seed": 1},
+    "grid": {"method": "grid"},
+    "holov": {"method": "holov", "crops": 4},
+    "visionzip": {"method": "visionzip"},
+    "flowcut": {"method": "flowcut"},
+}
+
+
+def assert_same_image_tokens(got, ref, requires) -> None:
+    """A vLLM model's ``ImageTokens`` equal the Hugging Face adapter's: features, layout and the
+    vision statistics ``requires`` asks for (float tolerance: two implementations)."""
+    import torch
+
+    torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
+    assert got.grid == ref.grid and got.blocks == ref.blocks
+    if ref.cls_attention is not None:
+        torch.testing.assert_close(got.cls_attention, ref.cls_attention, rtol=1e-4, atol=1e-6)
+    if "keys" in requires:
+        torch.testing.assert_close(got.extras["keys"], ref.extras["keys"], rtol=1e-4, atol=1e-5)
+    if "flow_layers" in requires:
+        assert got.extras.get("flow_final_layer") == ref.extras.get("flow_final_layer")
+        for g, r in zip(got.extras["flow_layers"], ref.extras["flow_layers"], strict=True):
+            assert g.keys() == r.keys()
+            for key in g:
+                torch.testing.assert_close(g[key], r[key], rtol=1e-4, atol=1e-5)

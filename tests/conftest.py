@@ -64,3 +64,21 @@ def tiny_qwen2_5_vl_path(fixtures_dir):
     from tokenprune.fixtures import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(fixtures_dir / "tiny-qwen2_5-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_path(fixtures_dir):
+    """Tiny Qwen3-VL: 16 px patches merged 2x2, one DeepStack level; 128x96 px -> 12 merged tokens."""
+    pytest.importorskip("transformers")
+    from tokenprune.fixtures import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(fixtures_dir / "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_path(fixtures_dir):
+    """Tiny Qwen2-VL: as Qwen2.5-VL's fixture, full attention in every vision block."""
+    pytest.importorskip("transformers")
+    from tokenprune.fixtures import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(fixtures_dir / "tiny-qwen2-vl")

@@ -144,8 +144,17 @@ def test_tokenprune_overrides():
     overrides = tpv.tokenprune_overrides(tp.DivPrune(keep=32))
     assert overrides["architectures"] == ["TokenpruneLlavaForConditionalGeneration"]
     assert parse_config(overrides["tokenprune"]) == tp.DivPrune(keep=32)
+    qwen = tpv.tokenprune_overrides(tp.HoloV(keep=8), "Qwen2_5_VLForConditionalGeneration")
+    assert qwen["architectures"] == ["TokenpruneQwen2_5_VLForConditionalGeneration"]
+    assert set(tpv.PRUNED_ARCHITECTURES) == {
+        f"Tokenprune{arch}" for arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                                         "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                                         "Qwen3VLForConditionalGeneration")
+    }
     with pytest.raises(ValueError, match="no hook"):
         tpv.tokenprune_overrides(tp.FastV())
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        tpv.tokenprune_overrides(tp.DivPrune(keep=8), "MllamaForConditionalGeneration")
 
 
 def test_enable_refuses_when_engine_processes_would_not_load_the_plugin(monkeypatch):
@@ -249,7 +258,7 @@ def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
         assert all(len(o.outputs[0].token_ids) == 4 for o in out)
 
         def inspect(model):
-            return type(model).__name__, model._cls_probe is not None, model.tokenprune_stats.calls
+            return type(model).__name__, model._vision_probe is not None, model.tokenprune_stats.calls
 
         name, has_probe, calls = llm.apply_model(inspect)[0]
         assert name == "TokenpruneLlavaForConditionalGeneration" and has_probe and calls >= 1
@@ -277,3 +286,83 @@ def test_a_composition_list_configures_visual_and_context_pruning():
 def test_bad_composition_lists_name_the_problem(raw, match):
     with pytest.raises(ValueError, match=match):
         parse_config(raw)
+
+
+# --------------------------------------------------------------------------- platform checks
+
+
+def _engine_config(tp=1, pp=1, compile_mm_encoder=False, tp_mode="weights"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+        compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm_encoder),
+        model_config=SimpleNamespace(multimodal_config=SimpleNamespace(mm_encoder_tp_mode=tp_mode)),
+    )
+
+
+def test_engine_options_that_break_vision_statistics_are_rejected():
+    from tokenprune.integrations.vllm.checks import check_engine
+
+    check_engine(tp.HoloV(keep=8), _engine_config(), "Qwen2_5_VLForConditionalGeneration")
+    check_engine(tp.DivPrune(keep=8), _engine_config(tp=2, compile_mm_encoder=True, tp_mode="data"), "X")
+    check_engine(tp.HoloV(keep=8), _engine_config(tp=1, tp_mode="data"), "X")  # one rank sees every image
+    with pytest.raises(ValueError, match=r"compilation_config\['compile_mm_encoder'\]"):
+        check_engine(tp.FlowCut(keep=8), _engine_config(compile_mm_encoder=True), "X")
+    with pytest.raises(ValueError, match="mm_encoder_tp_mode = 'data'"):
+        check_engine(tp.VisionZip(keep=8), _engine_config(tp=2, tp_mode="data"), "X")
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"device": "cuda:0"}, r"\['device'\] = 'cuda:0', but this machine has no cuda device"),
+    ({"device": "not-a-device"}, r"\['device'\] = 'not-a-device' is not a torch device"),
+    ({"model": "/nonexistent/minilm"}, r"\['model'\] = '/nonexistent/minilm' is not a local directory"),
+])
+def test_context_scorer_that_cannot_load_here_is_rejected(raw, match):
+    import torch
+
+    from tokenprune.integrations.vllm.config import parse_context_config
+
+    if raw.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"TOKENPRUNE_CONFIG\['context'\]" + match):
+        parse_context_config({"context": {"scorer": "bi-encoder", **raw}})
+
+
+@pytest.mark.vllm
+def test_triton_impl_needs_a_device_triton_runs_on(monkeypatch):
+    from tokenprune.integrations.vllm.checks import check_method
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_method(tp.DivPrune(keep=8, impl="triton"), "TOKENPRUNE_CONFIG")  # the interpreter runs it
+    monkeypatch.delenv("TRITON_INTERPRET")
+    check_method(tp.DivPrune(keep=8, impl="auto"), "TOKENPRUNE_CONFIG")
+    with pytest.raises(ValueError, match=r"TOKENPRUNE_CONFIG\['impl'\] = 'triton' cannot run on this cpu engine"):
+        check_method(tp.DivPrune(keep=8, impl="triton"), "TOKENPRUNE_CONFIG")
+
+
+@pytest.mark.vllm
+def test_qwen_position_repair_needs_one_pipeline_stage():
+    from tokenprune.integrations.vllm.checks import check_mrope_runner
+
+    check_mrope_runner(_engine_config(tp=2), "Qwen2_5_VLForConditionalGeneration")
+    with pytest.raises(ValueError, match="pipeline_parallel_size = 1"):
+        check_mrope_runner(_engine_config(pp=2), "Qwen2_5_VLForConditionalGeneration")
+
+
+@pytest.mark.vllm
+def test_platform_options_fail_at_engine_start_not_on_the_first_request(config_env, monkeypatch, tiny_llava_path):
+    """``"impl": "triton"`` on a CPU engine used to start fine and kill the engine on the first image
+    request; now the engine does not start, whether configured by the environment or per engine,
+    and nothing is left registered."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    os.environ[tpv.ENV_VAR] = '{"method": "divprune", "keep": 4, "impl": "triton"}'
+    with pytest.raises(ValueError, match=r"TOKENPRUNE_CONFIG\['impl'\] = 'triton' cannot run"):
+        make_llm(tiny_llava_path)
+    assert registered_target("LlavaForConditionalGeneration") == VLLM_LLAVA
+    os.environ.pop(tpv.ENV_VAR)
+    with pytest.raises(Exception, match=r"hf_overrides\['tokenprune'\]\['impl'\] = 'triton' cannot run"):
+        make_llm(tiny_llava_path, hf_overrides=tpv.tokenprune_overrides({"method": "divprune", "keep": 4, "impl": "triton"}))
+    with pytest.raises(Exception, match=r"compilation_config\['compile_mm_encoder'\]"):
+        make_llm(tiny_llava_path, hf_overrides=tpv.tokenprune_overrides({"method": "holov", "keep": 4}),
+                 compilation_config={"compile_mm_encoder": True})

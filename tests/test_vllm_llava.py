@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _vllm_support import engine_kwargs, make_llm, registered_target, reload_plugins, shutdown, vllm_env  # noqa: F401
+from _vllm_support import (  # noqa: F401
+    assert_same_outputs,
+    generate_records,
+    make_llm,
+    registered_target,
+    reload_plugins,
+    shutdown,
+    untouched_engine,
+    vllm_env,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -40,21 +49,6 @@ def build_requests(images, **mm_kwargs):
     ]
 
 
-def run(llm, requests, max_tokens=6):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
-    outs = llm.generate(requests, params, use_tqdm=False)
-    return [
-        {
-            "prompt_len": len(o.prompt_token_ids),
-            "tokens": list(o.outputs[0].token_ids),
-            "logprobs": [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
-        }
-        for o in outs
-    ]
-
-
 def _saved_env():
     from tokenprune.integrations.vllm import ENV_VAR
 
@@ -64,21 +58,12 @@ def _saved_env():
 @pytest.fixture(scope="module")
 def baseline(vllm_env, tiny_llava_576_path, images):  # noqa: F811
     """vLLM with the plugin loaded but nothing configured."""
-    from tokenprune.integrations.vllm import ENV_VAR
-
-    saved = _saved_env()
-    try:
-        llm = make_llm(tiny_llava_576_path)
-        record = {
+    with untouched_engine(tiny_llava_576_path) as llm:
+        return {
             "registered": registered_target("LlavaForConditionalGeneration"),
             "model_cls": llm.apply_model(lambda m: f"{type(m).__module__}:{type(m).__name__}")[0],
-            "outputs": run(llm, build_requests(images)),
+            "outputs": generate_records(llm, build_requests(images)),
         }
-        shutdown(llm)
-    finally:
-        if saved is not None:
-            os.environ[ENV_VAR] = saved
-    return record
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +102,7 @@ def test_no_configuration_leaves_vllm_untouched(baseline):
 
 def test_keep64_drops_512_prompt_tokens_and_generates(pruned, baseline, images):
     assert registered_target("LlavaForConditionalGeneration") == PRUNED_LLAVA
-    outs = run(pruned, build_requests(images))
+    outs = generate_records(pruned, build_requests(images))
     for got, ref, n_images in zip(outs, baseline["outputs"], (1, 1, 2)):
         assert got["prompt_len"] == ref["prompt_len"] - n_images * (N_IMAGE - 64)
         assert len(got["tokens"]) == 6
@@ -127,18 +112,15 @@ def test_keep64_drops_512_prompt_tokens_and_generates(pruned, baseline, images):
 
 @pytest.mark.parametrize("keep", [N_IMAGE, 1.0, 10_000])
 def test_keep_all_reproduces_unpatched_engine(pruned, baseline, images, keep):
-    outs = run(pruned, build_requests(images, tokenprune_keep=keep))
-    for got, ref in zip(outs, baseline["outputs"]):
-        assert got["prompt_len"] == ref["prompt_len"]
-        assert got["tokens"] == ref["tokens"]
-        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(ref["logprobs"]), rtol=0, atol=1e-5)
+    outs = generate_records(pruned, build_requests(images, tokenprune_keep=keep))
+    assert_same_outputs(outs, baseline["outputs"])
 
 
 def test_per_request_override(pruned, baseline, images):
     requests = build_requests(images)
     requests[0]["mm_processor_kwargs"] = {"tokenprune_keep": 32}
     requests[1]["mm_processor_kwargs"] = {"tokenprune_keep": 0.25}
-    outs = run(pruned, requests)
+    outs = generate_records(pruned, requests)
     ref = [o["prompt_len"] for o in baseline["outputs"]]
     assert outs[0]["prompt_len"] == ref[0] - (N_IMAGE - 32)
     assert outs[1]["prompt_len"] == ref[1] - (N_IMAGE - 144)
@@ -171,7 +153,7 @@ def test_prefix_cache_reuses_pruned_prompts_and_never_mixes_budgets(pruned, imag
 
 def test_bad_per_request_budget_is_rejected(pruned, images):
     with pytest.raises(ValueError, match="tokenprune_keep"):
-        run(pruned, build_requests(images, tokenprune_keep=0)[:1])
+        generate_records(pruned, build_requests(images, tokenprune_keep=0)[:1])
 
 
 def _pixel_values(model_path, images):
@@ -240,7 +222,7 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
     weights at the feature layer, and a method that needs it selects from it."""
     from transformers import LlavaForConditionalGeneration
 
-    from tokenprune.integrations.vllm.llava import ClsAttentionProbe
+    from tokenprune.integrations.vllm.llava import ClipVisionProbe
 
     pixel_values = _pixel_values(tiny_llava_576_path, images[:2])
     hf = LlavaForConditionalGeneration.from_pretrained(
@@ -254,17 +236,17 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
 
     @torch.no_grad()
     def probe(model):
-        cls_probe = ClsAttentionProbe(model.vision_tower, model.config.vision_feature_select_strategy)
-        saved = model.tokenprune_method, model._cls_probe
-        model.tokenprune_method, model._cls_probe = method, cls_probe
+        vision_probe = ClipVisionProbe(model.vision_tower, model.config.vision_feature_select_strategy, method.requires)
+        saved = model.tokenprune_method, model._vision_probe
+        model.tokenprune_method, model._vision_probe = method, vision_probe
         try:
-            with cls_probe.capture() as captured:
+            with vision_probe.capture() as records:
                 model.vision_tower(pixel_values, feature_select_strategy="default")
             rows = model.embed_multimodal(pixel_values=pixel_values, tokenprune_num_kept=torch.tensor([48, 48]))
             features = model.multi_modal_projector(model.vision_tower(pixel_values, feature_select_strategy="default"))
         finally:
-            model.tokenprune_method, model._cls_probe = saved
-        return torch.cat(captured).clone(), [r.clone() for r in rows], features.clone()
+            model.tokenprune_method, model._vision_probe = saved
+        return records[vision_probe.feature_layer]["attention"][:, 1:].clone(), [r.clone() for r in rows], features.clone()
 
     scores, rows, features = pruned.apply_model(probe)[0]
     torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-6)
@@ -274,7 +256,7 @@ def test_cls_attention_matches_eager_clip(pruned, tiny_llava_576_path, images):
 
 
 def test_wrong_row_count_from_a_method_is_an_error(pruned):
-    from tokenprune.methods.base import VisualPruner
+    from tokenprune.methods.base import ImageTokens, VisualPruner
 
     @dataclass(frozen=True)
     class OneRowTooMany(VisualPruner):
@@ -285,7 +267,7 @@ def test_wrong_row_count_from_a_method_is_an_error(pruned):
         saved = model.tokenprune_method
         model.tokenprune_method = OneRowTooMany(keep=8)
         try:
-            model.prune_image_embeddings([torch.randn(N_IMAGE, 16)], [8])
+            model.prune_image_embeddings([ImageTokens(features=torch.randn(N_IMAGE, 16))], [8])
         except RuntimeError as exc:
             return str(exc)
         finally:

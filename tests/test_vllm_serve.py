@@ -13,6 +13,7 @@ children's ``PYTHONPATH`` in a bare checkout.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -57,23 +58,45 @@ def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
         raise AssertionError(f"HTTP {exc.code} from {url}: {exc.read().decode(errors='replace')}") from exc
 
 
-@pytest.fixture(scope="module")
-def server(vllm_env, tiny_llava_576_path, tmp_path_factory):  # noqa: F811
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    port = _free_port()
-    env = dict(os.environ)
-    env["TOKENPRUNE_CONFIG"] = json.dumps({"method": "divprune", "keep": 64, "context": CONTEXT})
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # default: spawned engine core
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llava_576_path),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-llava",
+def _server_command(model_path, port, name):
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", name,
         "--enforce-eager", "--dtype", "float32", "--max-model-len", "1536", "--max-num-seqs", "4",
         "--limit-mm-per-prompt", '{"image": 1}', "--kv-cache-memory-bytes", str(96 << 20), "--seed", "0",
         "--trust-request-mm-kwargs",  # per-request mm_processor_kwargs (tokenprune_keep) over HTTP
     ]  # fmt: skip
+
+
+def _server_env(config, **extra):
+    env = dict(os.environ)
+    env["TOKENPRUNE_CONFIG"] = json.dumps(config)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # default: spawned engine core
+    env.update(extra)
+    return env
+
+
+def _launch(cmd, env, log_path):
     with open(log_path, "wb") as log:
         # Own session: the server and the engine processes it spawns are stopped as one group.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _serving(model_path, config, name, log_path):
+    """An OpenAI server for ``model_path`` with ``TOKENPRUNE_CONFIG=config``, ready; its base URL."""
+    port = _free_port()
+    proc = _launch(_server_command(model_path, port, name), _server_env(config), log_path)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -90,31 +113,32 @@ def server(vllm_env, tiny_llava_576_path, tmp_path_factory):  # noqa: F811
             time.sleep(1.0)
         yield base
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        _stop(proc)
 
 
-def _image_data_url() -> str:
+@pytest.fixture(scope="module")
+def server(vllm_env, tiny_llava_576_path, tmp_path_factory):  # noqa: F811
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    with _serving(tiny_llava_576_path, {"method": "divprune", "keep": 64, "context": CONTEXT}, "tiny-llava", log_path) as base:
+        yield base
+
+
+def _image_data_url(size=(336, 336)) -> str:
     from tokenprune.fixtures import make_image
 
     buffer = io.BytesIO()
-    make_image(336, seed=5).save(buffer, format="PNG")
+    make_image(64, seed=5).resize(size).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _chat(base: str, **extra) -> dict:
+def _chat(base: str, model: str = "tiny-llava", size=(336, 336), **extra) -> dict:
     body = {
-        "model": "tiny-llava",
+        "model": model,
         "messages": [
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": _image_data_url()}},
+                    {"type": "image_url", "image_url": {"url": _image_data_url(size)}},
                     {"type": "text", "text": "What is in the image?"},
                 ],
             }
@@ -171,3 +195,36 @@ def test_chat_documents_are_pruned_in_the_front_end(server, tiny_llava_576_path)
 
     assert pruned != docs
     assert served == count(pruned) < count(docs)
+
+
+def test_qwen_image_chat(vllm_env, tiny_qwen2_5_vl_path, tmp_path_factory):  # noqa: F811
+    """Qwen2.5-VL served with DivPrune: a chat request with an image (6 x 4 merged tokens) reports 24 - 5
+    fewer prompt tokens than the same request with a budget covering every token."""
+    log_path = tmp_path_factory.mktemp("vllm-serve-qwen") / "server.log"
+    with _serving(tiny_qwen2_5_vl_path, {"method": "divprune", "keep": 5}, "tiny-qwen", log_path) as base:
+        tall = (112, 168)
+        pruned = _chat(base, model="tiny-qwen", size=tall)
+        full = _chat(base, model="tiny-qwen", size=tall, mm_processor_kwargs={"tokenprune_keep": 1.0})
+        half = _chat(base, model="tiny-qwen", size=tall, mm_processor_kwargs={"tokenprune_keep": 0.5})
+    assert full["usage"]["prompt_tokens"] - pruned["usage"]["prompt_tokens"] == 24 - 5
+    assert full["usage"]["prompt_tokens"] - half["usage"]["prompt_tokens"] == 12
+    assert pruned["usage"]["completion_tokens"] >= 1
+    assert isinstance(pruned["choices"][0]["message"]["content"], str)
+
+
+def test_a_config_the_platform_cannot_run_stops_the_server_before_it_serves(vllm_env, tiny_llava_path, tmp_path):  # noqa: F811
+    """``"impl": "triton"`` on a CPU engine used to start the server and kill it on the first image
+    request (HTTP 500, then connection refused). Now the server exits at start-up, naming the key."""
+    log_path = tmp_path / "server.log"
+    port = _free_port()
+    env = _server_env({"method": "divprune", "keep": 4, "impl": "triton"})
+    env.pop("TRITON_INTERPRET", None)
+    proc = _launch(_server_command(tiny_llava_path, port, "bad"), env, log_path)
+    try:
+        proc.wait(timeout=STARTUP_TIMEOUT_S)
+    finally:
+        _stop(proc)
+    log = log_path.read_text()
+    assert proc.returncode != 0
+    assert "TOKENPRUNE_CONFIG['impl'] = 'triton' cannot run on this cpu engine" in log
+    assert "Starting vLLM server" not in log and "Application startup complete" not in log

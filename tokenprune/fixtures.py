@@ -39,6 +39,7 @@ __all__ = [
     "build_tiny_llava_next",
     "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl",
 ]
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -461,6 +462,66 @@ def build_tiny_qwen2_5_vl(
 def build_tiny_qwen2_vl(path: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> Path:
     """Tiny ``Qwen2VLForConditionalGeneration`` (see :func:`build_tiny_qwen2_5_vl`)."""
     return build_tiny_qwen2_5_vl(path, version="2", overwrite=overwrite, **kwargs)
+
+
+def build_tiny_qwen3_vl(
+    path: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 2,
+    max_pixels: int = 128 * 128,
+) -> Path:
+    """Save a random ``Qwen3VLForConditionalGeneration`` + ``Qwen3VLProcessor`` under ``path``.
+
+    Text: Qwen3 decoder with head_dim 64 and interleaved M-RoPE sections ``[8, 12, 12]``. Vision: a
+    2-block tower (head_dim 32) with 16 px patches merged 2x2, learned position embeddings on an 8x8
+    grid and one DeepStack level (block 0): a 128x96 image gives 4 x 3 = 12 merged tokens, whose
+    embedding rows are ``2 * hidden_size`` wide. ``<|video_pad|>``, ``<|vision_start|>`` and
+    ``<|vision_end|>`` are added to the vocabulary (the processors look them up); the image
+    placeholder is ``<image>`` (id 4). vLLM (CPU) loads and serves the checkpoint.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    head_dim = hidden_size // num_heads
+    if head_dim % 16:
+        raise ValueError(f"hidden_size / num_heads must be a multiple of 16 (M-RoPE sections), got {head_dim}")
+    tokenizer = build_tokenizer()
+    extra = [QWEN_VIDEO_TOKEN, "<|vision_start|>", "<|vision_end|>"]
+    tokenizer.add_tokens(extra, special_tokens=True)
+    video, start, end = (tokenizer.convert_tokens_to_ids(t) for t in extra)
+    text = {
+        "vocab_size": 8 * ((len(tokenizer) + 7) // 8), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+        "head_dim": head_dim, "max_position_embeddings": 4096, "initializer_range": 0.3,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                            "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+    }
+    vision = {
+        "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden_size,
+        "num_position_embeddings": 64, "deepstack_visual_indexes": [0], "initializer_range": 0.1,
+    }
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=SPECIAL_TOKENS.index(IMAGE_TOKEN),
+                        video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+                        tie_word_embeddings=False)
+    model = Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
+    model.generation_config.eos_token_id = 2
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=64 * 64, max_pixels=max_pixels, patch_size=16, merge_size=2,
+                                              temporal_patch_size=2),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        chat_template=CHAT_TEMPLATE,
+    )
+    return _save_checkpoint(path, model, processor)
 
 
 def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int = 0,

@@ -1,9 +1,10 @@
-"""vLLM benchmark: TTFT and request throughput of LLaVA with and without visual token pruning.
+"""vLLM benchmark: TTFT and request throughput of LLaVA and Qwen2.5-VL with and without visual
+token pruning.
 
 One in-process engine per preset runs with the tokenprune plugin configured
 (``TOKENPRUNE_CONFIG``); the *baseline* is the same engine with a per-request budget covering every
-image token (``mm_processor_kwargs={"tokenprune_keep": 576}``), which the tests show reproduces the
-unpatched engine bit for bit. Baseline and pruned requests follow
+image token (``mm_processor_kwargs={"tokenprune_keep": N}``, 576 for the LLaVA presets, 256 for
+the Qwen ones), which the tests show reproduces the unpatched engine bit for bit. Baseline and pruned requests follow
 :func:`tokenprune.bench.timing.interleaved_schedule` (with two variants the order alternates from
 one repetition to the next), every request carries a fresh image (no encoder-cache hits) and prefix
 caching is off, so both see the same machine state. Rows come from
@@ -25,6 +26,8 @@ Usage (CPU, tiny and medium presets, results to CSV)::
 
     python -m tokenprune.bench.suites.vllm_visual --presets tiny medium --keep 64 --trials 5 \\
         --csv benchmarks/results/vllm_cpu.csv --force
+    python -m tokenprune.bench.suites.vllm_visual --presets qwen-tiny qwen-medium --keep 32 --trials 5 \\
+        --csv benchmarks/results/vllm_cpu_qwen.csv --force
 
 ``run_vllm_benchmark(...)`` returns the rows; :func:`run` is the ``tokenprune-bench --engine vllm``
 runner over it.
@@ -37,38 +40,51 @@ import gc
 import os
 import sys
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from tokenprune.bench.modes import BenchConfig
 from tokenprune.bench.results import Samples, ideal_ratio, variant_rows
 from tokenprune.bench.timing import Stopwatch, interleaved_schedule
 
-#: model presets: keyword arguments of ``tokenprune.fixtures.build_tiny_llava`` (576 image tokens).
-PRESETS: dict[str, dict[str, Any]] = {
+@dataclass(frozen=True)
+class VllmPreset:
+    """A checkpoint the suite builds once: ``family`` (``"llava"`` / ``"qwen2_5_vl"``), the square
+    image side fed to it, the image tokens that gives, and the fixture builder's arguments."""
+
+    family: str
+    image_size: int
+    image_tokens: int
+    build: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, VllmPreset] = {
     # CLIP 2 x 64 + Llama 4 x 128 (head_dim 64): dominated by fixed per-request costs.
-    "tiny": dict(image_size=336),
+    "tiny": VllmPreset("llava", 336, 576, dict(image_size=336)),
     # CLIP 4 x 256 + Llama 8 x 1024 (16 heads of 64), ~110M parameters: prefill dominates.
-    "medium": dict(
-        image_size=336,
-        vision_hidden_size=256,
-        vision_layers=4,
-        vision_heads=4,
-        hidden_size=1024,
-        num_layers=8,
-        num_heads=16,
-        intermediate_size=2816,
-    ),
+    "medium": VllmPreset("llava", 336, 576, dict(
+        image_size=336, vision_hidden_size=256, vision_layers=4, vision_heads=4, hidden_size=1024, num_layers=8,
+        num_heads=16, intermediate_size=2816,
+    )),
+    # Qwen2.5-VL layout (window ViT 4 x 64, merger 2x2): 448 px -> 16 x 16 = 256 merged tokens.
+    # Decoder Qwen2 4 x 128 (head_dim 64, M-RoPE sections [8, 12, 12]).
+    "qwen-tiny": VllmPreset("qwen2_5_vl", 448, 256, dict(max_pixels=448 * 448)),
+    # Decoder Qwen2 8 x 1024 (16 heads of 64), ~70M parameters: prefill dominates.
+    "qwen-medium": VllmPreset("qwen2_5_vl", 448, 256, dict(
+        max_pixels=448 * 448, hidden_size=1024, num_layers=8, num_heads=16,
+    )),
 }
-N_IMAGE_TOKENS = 576
 PROMPT = "USER: <image>\nDescribe the picture in detail.\nASSISTANT:"
 
 
 def _model(preset: str, cache_dir: Path) -> Path:
-    from tokenprune.fixtures import build_tiny_llava
+    from tokenprune.fixtures import build_tiny_llava, build_tiny_qwen2_5_vl
 
-    path = cache_dir / f"llava-{preset}"
+    spec = PRESETS[preset]
+    path = cache_dir / f"{spec.family}-{preset}"
     if not (path / "config.json").exists():
-        build_tiny_llava(path, **PRESETS[preset])
+        builder = build_tiny_llava if spec.family == "llava" else build_tiny_qwen2_5_vl
+        builder(path, **spec.build)
     return path
 
 
@@ -87,7 +103,7 @@ def run_vllm_benchmark(
 
     Args:
         presets: names in :data:`PRESETS`.
-        keep: visual tokens kept per image by the pruned requests (of 576).
+        keep: visual tokens kept per image by the pruned requests (of the preset's image tokens).
         method: a visual method name accepted by ``TOKENPRUNE_CONFIG`` (built with ``keep``), or a
             built pre-LLM method with an integer ``keep`` (which then overrides ``keep``).
         trials: interleaved repetitions (medians are reported).
@@ -107,8 +123,9 @@ def run_vllm_benchmark(
     if unknown:
         raise ValueError(f"unknown preset(s) {unknown}; available: {sorted(PRESETS)}")
     keep = keep if isinstance(method, str) else method.keep
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= N_IMAGE_TOKENS:
-        raise ValueError(f"keep must be an int in [1, {N_IMAGE_TOKENS}], got {keep!r}")
+    most = min(PRESETS[p].image_tokens for p in presets)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= most:
+        raise ValueError(f"keep must be an int in [1, {most}] (the presets' image tokens), got {keep!r}")
     if trials < 1 or batch < 1 or max_tokens < 1:
         raise ValueError("trials, batch and max_tokens must be >= 1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -137,6 +154,8 @@ def _bench_preset(preset, path, pruner, trials, batch, max_tokens, warmup, track
 
     from tokenprune.fixtures import make_image
 
+    spec = PRESETS[preset]
+
     llm = LLM(
         str(path),
         enforce_eager=True,
@@ -157,7 +176,7 @@ def _bench_preset(preset, path, pruner, trials, batch, max_tokens, warmup, track
             out.append(
                 {
                     "prompt": PROMPT,
-                    "multi_modal_data": {"image": make_image(336, seed=seed[0])},
+                    "multi_modal_data": {"image": make_image(spec.image_size, seed=seed[0])},
                     "mm_processor_kwargs": {"tokenprune_keep": budget},
                 }
             )
@@ -172,7 +191,7 @@ def _bench_preset(preset, path, pruner, trials, batch, max_tokens, warmup, track
     many = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     label = pruner.name
     variants = [("baseline", None), (label, pruner)]
-    budgets = {"baseline": N_IMAGE_TOKENS, label: pruner.keep}
+    budgets = {"baseline": spec.image_tokens, label: pruner.keep}
     samples = Samples()
     prompt_tokens: dict[str, int] = {}
     for item in track(interleaved_schedule(list(budgets), trials, warmup), preset):
@@ -190,20 +209,21 @@ def _bench_preset(preset, path, pruner, trials, batch, max_tokens, warmup, track
 
     full = prompt_tokens["baseline"]
     per_variant = {
-        name: {"visual_tokens_before": N_IMAGE_TOKENS, "visual_tokens_after": budgets[name], "prompt_tokens": full,
+        name: {"visual_tokens_before": spec.image_tokens, "visual_tokens_after": budgets[name], "prompt_tokens": full,
                "prompt_tokens_after": prompt_tokens[name],
                # pre-LLM pruning: every decoder layer sees the shorter prompt
                "ideal_ratio": ideal_ratio(full, full - prompt_tokens[name], 1)}
         for name in budgets
     }
-    common = {"model": f"vllm:{preset}", "preset": preset, "engine": "vllm", "mode": "visual", "random_weights": True,
+    common = {"model": f"vllm:{preset}", "preset": preset, "family": spec.family, "engine": "vllm", "mode": "visual", "random_weights": True,
               "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "float32", "batch_size": batch,
               "new_tokens": max_tokens, "reps": trials, "warmup": warmup}
     return variant_rows(samples, variants, per_variant, common)
 
 
 # CLI preset -> this suite's preset (its own checkpoints, saved once; shapes in PRESETS).
-CLI_PRESETS = {"tiny-llava": "tiny", "medium-llava": "medium"}
+CLI_PRESETS = {"tiny-llava": "tiny", "medium-llava": "medium", "tiny-qwen2.5-vl": "qwen-tiny",
+               "medium-qwen2.5-vl": "qwen-medium"}
 
 
 def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ Hooks live only for one ``with probe:`` block.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,11 +21,6 @@ import torch
 FLOW = "flow_layers"
 KEYS = "keys"
 CLS = "cls_attention"
-
-
-def _softmax_mean_heads(logits: torch.Tensor) -> torch.Tensor:
-    """``[..., H, N]`` logits -> probabilities averaged over heads ``[..., N]`` (fp32)."""
-    return torch.softmax(logits.float(), dim=-1).mean(dim=-2)
 
 
 class _Probe:
@@ -91,18 +86,53 @@ class ClipProbe(_Probe):
             cap = self._captured.pop(index)
             heads, dim = attention.num_heads, attention.head_dim
             b, n = cap["k"].shape[:2]
-            q = cap["q"][:, 0].view(b, heads, dim).float()
-            k = cap["k"].view(b, n, heads, dim).float()
-            v = cap["v"].view(b, n, heads, dim).float()
-            record = {"attention": _softmax_mean_heads(torch.einsum("bhd,bnhd->bhn", q, k) * attention.scale)}
-            if FLOW in self.requires:
-                record["value_similarity"] = _softmax_mean_heads(torch.einsum("bhd,bnhd->bhn", v[:, 0], v))
-                record["value_norm"] = v.mean(dim=2).abs().sum(dim=-1)
-            if KEYS in self.requires and index == self.feature_layer:
-                record["keys"] = k.mean(dim=2)
-            self.records[index] = record
+            shape = (b, n, heads, dim)
+            self.records[index] = cls_query_record(
+                cap["q"].view(shape), cap["k"].view(shape), cap["v"].view(shape), attention.scale, self.requires,
+                keys=index == self.feature_layer,
+            )
 
         return hook
+
+
+def cls_query_record(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    requires: frozenset[str],
+    keys: bool = False,
+    head_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    num_heads: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """One layer's :class:`ClipProbe` record from its queries, keys and values.
+
+    Args:
+        q, k, v: ``[B, N + 1, H, d]`` per crop, [CLS] at position 0.
+        keys: add ``keys`` (the feature layer, when ``KEYS`` is required).
+        head_sum: completes a sum over ``H`` heads across tensor-parallel ranks (vLLM shards heads);
+            ``None`` when ``H`` are all the heads.
+        num_heads: the total number of heads (``H`` by default).
+
+    Returns ``attention`` ``[B, N + 1]`` ([CLS] attention, softmax per head, mean over heads), with
+    ``FLOW`` ``value_similarity`` ``[B, N + 1]`` (softmax of the [CLS] value against every value,
+    mean over heads) and ``value_norm`` (L1 norm of the head-averaged value), with ``keys`` and
+    ``KEYS`` ``keys`` ``[B, N + 1, d]`` (head-averaged keys).
+    """
+    reduce = head_sum or (lambda x: x)
+    total = num_heads or q.shape[2]
+
+    def head_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return reduce(x.sum(dim=dim)) / total
+
+    q, k, v = q[:, 0].float(), k.float(), v.float()
+    record = {"attention": head_mean(torch.softmax(torch.einsum("bhd,bnhd->bhn", q, k) * scale, dim=-1), 1)}
+    if FLOW in requires:
+        record["value_similarity"] = head_mean(torch.softmax(torch.einsum("bhd,bnhd->bhn", v[:, 0], v), dim=-1), 1)
+        record["value_norm"] = head_mean(v, 2).abs().sum(dim=-1)
+    if KEYS in requires and keys:
+        record["keys"] = head_mean(k, 2)
+    return record
 
 
 class MeanQueryProbe(_Probe):
@@ -139,27 +169,58 @@ class MeanQueryProbe(_Probe):
             cap = self._captured.pop(index)
             qkv = cap["qkv"]
             s = qkv.shape[0]
-            heads = attention.num_heads
-            q, k, v = qkv.reshape(s, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, d] each
+            q, k, v = qkv.reshape(s, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, d] each
             raw_k = k
             if cap.get("rope") is not None:
                 cos, sin = cap["rope"]
                 q, k = rotary(q, k, cos, sin)
-            q, k, v = q.float(), k.float(), v.float()
-            scale = attention.scaling
-            attn = torch.empty(s, device=q.device)
-            for start, end in self.segments:
-                mean_q = q[start:end].mean(dim=0)  # [H, d]
-                logits = torch.einsum("hd,nhd->hn", mean_q, k[start:end]) * scale
-                attn[start:end] = _softmax_mean_heads(logits)
-            record = {"attention": attn}
-            if FLOW in self.requires:
-                record["value_norm"] = v.mean(dim=1).abs().sum(dim=-1)
-            if KEYS in self.requires and index == self.feature_layer:
-                record["keys"] = raw_k.float().mean(dim=1)
-            self.records[index] = record
+            self.records[index] = mean_query_record(
+                q, k, v, self.segments, attention.scaling, self.requires,
+                raw_k=raw_k if index == self.feature_layer else None,
+            )
 
         return hook
+
+
+def mean_query_record(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: list[tuple[int, int]],
+    scale: float,
+    requires: frozenset[str],
+    raw_k: Optional[torch.Tensor] = None,
+    head_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    num_heads: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """One layer's :class:`MeanQueryProbe` record from its queries, keys and values.
+
+    Args:
+        q, k, v: ``[S, H, d]`` packed over the images (``q``/``k`` with RoPE applied).
+        segments: each image's ``[start, end)`` in the packed sequence.
+        raw_k: ``[S, H, d]`` keys before RoPE; given at the feature layer, it adds ``keys``.
+        head_sum: completes a sum over ``H`` heads across tensor-parallel ranks (vLLM shards heads);
+            ``None`` when ``H`` are all the heads.
+        num_heads: the total number of heads (``H`` by default).
+
+    Returns ``attention`` ``[S]`` (mean query of each image onto its patches, softmax per head,
+    mean over heads), with ``FLOW`` ``value_norm`` ``[S]`` (L1 norm of the head-averaged value), with
+    ``raw_k`` and ``KEYS`` ``keys`` ``[S, d]`` (head-averaged keys before RoPE).
+    """
+    reduce = head_sum or (lambda x: x)
+    total = num_heads or q.shape[1]
+    q, k = q.float(), k.float()
+    attention = torch.empty(q.shape[0], device=q.device)
+    for start, end in segments:
+        mean_q = q[start:end].mean(dim=0)  # [H, d]
+        logits = torch.einsum("hd,nhd->hn", mean_q, k[start:end]) * scale
+        attention[start:end] = torch.softmax(logits, dim=-1).sum(dim=0)
+    record = {"attention": reduce(attention) / total}
+    if FLOW in requires:
+        record["value_norm"] = (reduce(v.float().sum(dim=1)) / total).abs().sum(dim=-1)
+    if KEYS in requires and raw_k is not None:
+        record["keys"] = reduce(raw_k.float().sum(dim=1)) / total
+    return record
 
 
 def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:

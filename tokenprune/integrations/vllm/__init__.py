@@ -5,7 +5,10 @@
   :func:`tokenprune_overrides`;
 * :mod:`~tokenprune.integrations.vllm.config`: configuration parsing and every environment
   variable the vLLM side reads;
-* :mod:`~tokenprune.integrations.vllm.llava`: pre-LLM visual pruning for LLaVA-1.5;
+* :mod:`~tokenprune.integrations.vllm.common`, :mod:`~tokenprune.integrations.vllm.llava`,
+  :mod:`~tokenprune.integrations.vllm.llava_next`, :mod:`~tokenprune.integrations.vllm.qwen`: pre-LLM
+  visual pruning (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL / Qwen3-VL);
+* :mod:`~tokenprune.integrations.vllm.checks`: options the platform cannot run, rejected at engine start;
 * :mod:`~tokenprune.integrations.vllm.context`: context pruning of chat ``documents``
   (``tp.patch(llm, ContextPruner(...))`` and the server-wide ``"context"`` configuration);
 * :mod:`~tokenprune.integrations.vllm.spec`: the ``custom_class`` speculative drafter

@@ -39,6 +39,7 @@ __all__ = [
     "parse_config",
     "parse_context_config",
     "method_from_hf_config",
+    "config_source",
     "request_keep",
     "config_to_json",
     "DRAFT_TREE_ENV",
@@ -62,9 +63,10 @@ HF_CONFIG_KEY = "tokenprune"
 REQUEST_KEEP_KEY = "tokenprune_keep"
 #: key of the configuration holding the context pruner's arguments (environment only).
 CONTEXT_KEY = "context"
-#: inputs beyond the post-projector features that the vLLM model side computes for methods that
-#: declare them in ``requires`` (``ImageTokens`` attributes).
-PROVIDED_INPUTS = frozenset({"cls_attention", "grid"})
+#: inputs beyond the post-projector features that some pruned vLLM model computes for methods that
+#: declare them in ``requires`` (``ImageTokens`` attributes and ``extras`` keys); each model checks
+#: its own subset at engine start (the vision tower's [CLS] / mean-query statistics).
+PROVIDED_INPUTS = frozenset({"cls_attention", "grid", "keys", "flow_layers"})
 
 
 def _visual_methods() -> list[str]:
@@ -146,12 +148,14 @@ def parse_context_config(raw: Any, source: str = ENV_VAR) -> Optional[dict[str, 
             f"tokenprune: {source}[{CONTEXT_KEY!r}] must be an object of tp.ContextPruner arguments such as "
             f'{{"scorer": "bi-encoder", "threshold": 0.575}}, got {type(arguments).__name__}'
         )
+    from tokenprune.integrations.vllm.checks import check_context
     from tokenprune.methods.context import ContextPruner
 
     try:
-        ContextPruner(**arguments)
+        pruner = ContextPruner(**arguments)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"tokenprune: invalid {source}[{CONTEXT_KEY!r}]: {exc}") from exc
+    check_context(pruner, f"{source}[{CONTEXT_KEY!r}]")
     return dict(arguments)
 
 
@@ -223,12 +227,17 @@ def _check_runnable(method: Pruner, source: str) -> VisualPruner:
     return method
 
 
+def config_source(hf_config: Any) -> str:
+    """Where one engine's configuration comes from, as error messages name it."""
+    return f"hf_overrides[{HF_CONFIG_KEY!r}]" if getattr(hf_config, HF_CONFIG_KEY, None) is not None else ENV_VAR
+
+
 def method_from_hf_config(hf_config: Any) -> Optional[VisualPruner]:
     """The method configured for one engine: ``hf_config.tokenprune`` (from ``hf_overrides``) if
     set, else the environment, else ``None``."""
     value = getattr(hf_config, HF_CONFIG_KEY, None)
     if value is not None:
-        return parse_config(value, source=f"hf_overrides[{HF_CONFIG_KEY!r}]")
+        return parse_config(value, source=config_source(hf_config))
     return parse_config(env_config(), source=ENV_VAR)
 
 

@@ -54,16 +54,33 @@ logger = logging.getLogger(__name__)
 SUPPORTED_VLLM = ">=0.32.0,<0.34"
 _SUPPORTED_RANGE = ((0, 32), (0, 34))
 
-_PRUNED_LLAVA = "tokenprune.integrations.vllm.llava:TokenpruneLlavaForConditionalGeneration"
-#: opt-in architecture name -> pruned class; always registered, selects pruning for one engine.
-PRUNED_ARCHITECTURES = {"TokenpruneLlavaForConditionalGeneration": _PRUNED_LLAVA}
-#: HF architecture name -> (pruned class, vLLM's own class); overridden while TOKENPRUNE_CONFIG is set.
+_MODELS = "vllm.model_executor.models"
+_OURS = "tokenprune.integrations.vllm"
+#: HF architecture name -> (pruned class, vLLM's own class): overridden while TOKENPRUNE_CONFIG is set.
 _OVERRIDES = {
     "LlavaForConditionalGeneration": (
-        _PRUNED_LLAVA,
-        "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
+        f"{_OURS}.llava:TokenpruneLlavaForConditionalGeneration",
+        f"{_MODELS}.llava:LlavaForConditionalGeneration",
+    ),
+    "LlavaNextForConditionalGeneration": (
+        f"{_OURS}.llava_next:TokenpruneLlavaNextForConditionalGeneration",
+        f"{_MODELS}.llava_next:LlavaNextForConditionalGeneration",
+    ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        f"{_OURS}.qwen:TokenpruneQwen2_5_VLForConditionalGeneration",
+        f"{_MODELS}.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    ),
+    "Qwen2VLForConditionalGeneration": (
+        f"{_OURS}.qwen:TokenpruneQwen2VLForConditionalGeneration",
+        f"{_MODELS}.qwen2_vl:Qwen2VLForConditionalGeneration",
+    ),
+    "Qwen3VLForConditionalGeneration": (
+        f"{_OURS}.qwen:TokenpruneQwen3VLForConditionalGeneration",
+        f"{_MODELS}.qwen3_vl:Qwen3VLForConditionalGeneration",
     ),
 }
+#: opt-in architecture name -> pruned class; always registered, selects pruning for one engine.
+PRUNED_ARCHITECTURES = {f"Tokenprune{arch}": pruned for arch, (pruned, _) in _OVERRIDES.items()}
 
 # What this process has registered: None (nothing yet) or the TOKENPRUNE_CONFIG value applied.
 _applied: dict[str, Optional[str]] = {"config": None, "registered": None}
@@ -92,7 +109,8 @@ def check_vllm_version(strict: bool) -> bool:
         return True
     message = (
         f"tokenprune's vLLM plugin supports vllm {SUPPORTED_VLLM} (found {version}); it overrides "
-        "vLLM's LLaVA processor and image-embedding step, whose internals change between versions"
+        "vLLM's multimodal processors, image-embedding steps and M-RoPE position hooks, whose "
+        "internals change between versions"
     )
     if strict:
         raise RuntimeError(message + f". Unset {ENV_VAR} or install a supported vLLM.")
@@ -107,7 +125,10 @@ def register() -> None:
       model registry (lazily, as ``"module:Class"``); no existing architecture changes.
     * When ``TOKENPRUNE_CONFIG`` is set, validates it first (``ValueError`` naming the problem,
       raised before anything is registered, so vLLM's engine start fails with that message), checks
-      the vLLM version, and registers the pruned LLaVA under ``LlavaForConditionalGeneration``.
+      the vLLM version, and registers the pruned classes under vLLM's architecture names
+      (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+      ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+      ``Qwen3VLForConditionalGeneration``).
     * When it has a ``"context"`` entry, installs (once per process) the front-end wrapper that
       prunes the ``documents`` of chat requests (:mod:`tokenprune.integrations.vllm.context`).
     * When it is unset again (after :func:`disable`), vLLM's own classes are restored and context
@@ -127,6 +148,10 @@ def _register(eager: bool) -> None:
     if _applied["registered"] in (mode, "eager") and _applied["config"] == raw:
         return
     check_vllm_version(strict=method is not None or context_arguments is not None)
+    if method is not None:
+        from tokenprune.integrations.vllm.checks import check_method
+
+        check_method(method, ENV_VAR)
     if context_arguments is not None or _applied["config"] is not None:
         from tokenprune.integrations.vllm.context import configure
 
@@ -196,15 +221,25 @@ def disable() -> None:
     _register(eager=True)
 
 
-def tokenprune_overrides(method: Pruner | dict[str, Any] | str) -> dict[str, Any]:
-    """``hf_overrides`` that prune one LLaVA engine without touching the environment::
+def tokenprune_overrides(
+    method: Pruner | dict[str, Any] | str, architecture: str = "LlavaForConditionalGeneration"
+) -> dict[str, Any]:
+    """``hf_overrides`` that prune one engine without touching the environment::
 
-        LLM(model, hf_overrides=tokenprune_overrides(tp.DivPrune(keep=64)))
+        LLM(model, hf_overrides=tokenprune_overrides(tp.DivPrune(keep=64), "Qwen2_5_VLForConditionalGeneration"))
 
-    The plugin must be loaded in the engine's processes (installed entry point, or
-    :func:`register` called here with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+    ``architecture`` is the checkpoint's (``config.json``'s ``architectures[0]``). The plugin must be
+    loaded in the engine's processes (installed entry point, or :func:`register` called here with
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+
+    Raises:
+        ValueError: no method, a method vLLM cannot run, or an architecture the plugin does not prune.
     """
     parsed = parse_config(method, source="tokenprune_overrides()")
     if parsed is None:
         raise ValueError("tokenprune_overrides() needs a method, e.g. tokenprune.DivPrune(keep=64)")
-    return {"architectures": list(PRUNED_ARCHITECTURES), HF_CONFIG_KEY: parsed.to_config()}
+    if architecture not in _OVERRIDES:
+        raise ValueError(
+            f"tokenprune_overrides(): architecture must be one of {', '.join(_OVERRIDES)}, got {architecture!r}"
+        )
+    return {"architectures": [f"Tokenprune{architecture}"], HF_CONFIG_KEY: parsed.to_config()}

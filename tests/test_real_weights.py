@@ -51,6 +51,15 @@ def test_corrupt_parts_are_refused(fake_parts, tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built is published
 
 
+def test_truncated_part_is_refused_before_any_work(fake_parts, tmp_path):
+    _, _, site = fake_parts
+    part = site / "tpfake_part3" / "data" / "part03.bin"
+    part.write_bytes(part.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="expected 3003: reinstall with `pip install tpfake`"):
+        real_lm("fake", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_missing_part_names_the_pip_command(fake_parts, tmp_path):
     _, _, site = fake_parts
     (site / "tpfake_part2" / "data" / "part02.bin").unlink()

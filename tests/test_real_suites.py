@@ -106,3 +106,16 @@ def test_chat_ids_end_with_the_generation_prompt(tokenizer):
     ids = real_spec.chat_ids(tokenizer, real_spec.PROMPTS[0])
     assert ids.shape[0] == 1 and tokenizer.decode(ids[0]).rstrip().endswith("ASSISTANT:")
     assert torch.is_tensor(ids)
+
+
+def test_kvpress_agreement_pairs_the_same_samples():
+    def row(variant, index, output, correct, tokens=100):
+        return dict(length=1024, kind="kv", index=index, variant=variant, output=output, correct=correct,
+                    prompt_tokens=tokens)
+
+    ours = [row("snapkv-0.3", 0, "1", True), row("snapkv-0.3", 1, "2", False), row("snapkv-0.7", 0, "1", True)]
+    theirs = [row("kvpress-snapkv-0.3", 0, "1", True), row("kvpress-snapkv-0.3", 1, "3", True),
+              row("kvpress-snapkv-0.3", 2, "9", True), row("baseline", 0, "1", True)]
+    (result,) = real_longctx.agreement(ours, theirs)
+    assert result == {"tokenprune": "snapkv-0.3", "kvpress": "kvpress-snapkv-0.3", "samples": 2,
+                      "same_prompt_tokens": True, "same_answer": 1, "accuracy_tokenprune": 0.5, "accuracy_kvpress": 1.0}

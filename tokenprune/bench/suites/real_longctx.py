@@ -172,6 +172,25 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def agreement(rows: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per SnapKV keep: on the samples both runs hold, how often tokenprune's and kvpress's answers
+    are the same text, and both accuracies (``rows``: this suite's runs; ``other``: a ``--kvpress`` run)."""
+    mine = {(r["length"], r["kind"], r["index"], r["variant"]): r for r in rows}
+    out = []
+    for variant in sorted({r["variant"] for r in other if r["variant"].startswith("kvpress-")}):
+        ours = variant.removeprefix("kvpress-")
+        pairs = [(mine[(r["length"], r["kind"], r["index"], ours)], r) for r in other
+                 if r["variant"] == variant and (r["length"], r["kind"], r["index"], ours) in mine]
+        if not pairs:
+            continue
+        out.append({"tokenprune": ours, "kvpress": variant, "samples": len(pairs),
+                    "same_prompt_tokens": all(a["prompt_tokens"] == b["prompt_tokens"] for a, b in pairs),
+                    "same_answer": sum(a["output"] == b["output"] for a, b in pairs),
+                    "accuracy_tokenprune": sum(a["correct"] for a, _ in pairs) / len(pairs),
+                    "accuracy_kvpress": sum(b["correct"] for _, b in pairs) / len(pairs)})
+    return out
+
+
 def _describe(method) -> Any:
     if method is None or isinstance(method, tp.Pruner):
         return None if method is None else method.to_config()
@@ -200,7 +219,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="skip runs already in <out>.jsonl")
     ap.add_argument("--out", default="benchmarks/results/real/longctx_smollm2")
+    ap.add_argument("--compare", default=None, metavar="KVPRESS.jsonl",
+                    help="run nothing: compare <out>.jsonl with a --kvpress run's JSONL (same samples)")
     args = ap.parse_args(argv)
+    if args.compare:
+        load = lambda path: [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]  # noqa: E731
+        result = agreement(load(Path(args.out).with_suffix(".jsonl")), load(args.compare))
+        write_json(f"{args.out}_vs_kvpress.json", environment("cpu"), result)
+        for r in result:
+            print(f"{r['tokenprune']} vs {r['kvpress']}: {r['same_answer']}/{r['samples']} identical answers, "
+                  f"accuracy {r['accuracy_tokenprune']:.2f} vs {r['accuracy_kvpress']:.2f}")
+        return result
     kinds = args.kinds.split(",")
     if any(k not in KINDS for k in kinds):
         ap.error(f"--kinds must come from {', '.join(KINDS)}")

@@ -52,4 +52,4 @@ real-quality: real-weights
 	$(PY) -m tokenprune.bench.suites.real_longctx --samples 1024:6,2048:3,4096:2,8000:1 --budget-min 90 \
 		--resume --out $(REAL_RESULTS)/longctx_smollm2
 	$(PY) -m tokenprune.bench.suites.real_spec --target qwen2.5-coder-0.5b --prompts 4 --new-tokens 48 \
-		--repeats 2 --out $(REAL_RESULTS)/spec_qwen05b
+		--repeats 2 --force --out $(REAL_RESULTS)/spec_qwen05b

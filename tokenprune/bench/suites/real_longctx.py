@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -257,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                budget_s=None if args.budget_min is None else 60 * args.budget_min, seed=args.seed)
     summary = summarise(rows)
     meta = {**environment("cpu"), "model": args.model, "window": window, "samples_per_kind": samples,
-            "kinds": kinds, "load_average_1m_end": __import__("os").getloadavg()[0],
+            "kinds": kinds, "load_average_1m_end": os.getloadavg()[0],
             "variants": {v: _describe(factories[v]()) for v in variants}}
     write_json(out.with_suffix(".json"), meta, summary)
     write_csv(out.with_suffix(".csv"), meta, summary)

@@ -19,6 +19,7 @@ output equals greedy token for token.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any, Optional, Sequence
@@ -199,7 +200,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/real/spec_qwen05b")
+    ap.add_argument("--force", action="store_true", help="overwrite existing <out>.json / .csv")
     args = ap.parse_args(argv)
+    existing = [f"{args.out}{ext}" for ext in (".json", ".csv") if os.path.exists(f"{args.out}{ext}")]
+    if existing and not args.force:
+        ap.error(f"{', '.join(existing)} exists; pass --force to overwrite")
     if not 1 <= args.prompts <= len(PROMPTS):
         ap.error(f"--prompts must be in [1, {len(PROMPTS)}]")
     torch.set_num_threads(args.threads)
@@ -210,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                max_new_tokens=args.new_tokens, repeats=args.repeats)
     summary = summarise(rows)
     meta = {**environment("cpu"), "target": args.target, "draft": args.draft, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "load_average_1m_end": __import__("os").getloadavg()[0]}
+            "repeats": args.repeats, "load_average_1m_end": os.getloadavg()[0]}
     write_json(f"{args.out}.json", meta, rows)
     write_csv(f"{args.out}.csv", meta, summary)
     for r in summary:

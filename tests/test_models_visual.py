@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from tokenprune.fixtures import build_tiny_llava, build_tiny_qwen2_vl, make_image  # noqa: E402
+from tokenprune.fixtures import build_tiny_llava, make_image  # noqa: E402
 from tokenprune.integrations.hf.adapters import get_adapter  # noqa: E402
 
 SIZES = {"llava": [(56, 56), (56, 56)], "next": [(112, 112), (112, 80)], "qwen": [(112, 112), (168, 112)],
@@ -46,14 +46,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def paths(fixtures_dir, tiny_llava_next_path, tiny_qwen2_5_vl_path):
+def paths(fixtures_dir, tiny_llava_next_path, tiny_qwen2_5_vl_path, tiny_qwen2_vl_path):
     llava = fixtures_dir / "tiny-llava-56-v4"
     if not (llava / "config.json").exists():
         build_tiny_llava(llava, image_size=56, vision_layers=4)
-    qwen2 = fixtures_dir / "tiny-qwen2-vl"
-    if not (qwen2 / "config.json").exists():
-        build_tiny_qwen2_vl(qwen2)
-    return {"llava": llava, "next": tiny_llava_next_path, "qwen": tiny_qwen2_5_vl_path, "qwen2": qwen2}
+    return {"llava": llava, "next": tiny_llava_next_path, "qwen": tiny_qwen2_5_vl_path, "qwen2": tiny_qwen2_vl_path}
 
 
 def load(paths, name, attn="sdpa"):

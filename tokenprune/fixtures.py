@@ -472,8 +472,10 @@ def build_tiny_qwen3_vl(
     num_layers: int = 4,
     num_heads: int = 2,
     max_pixels: int = 128 * 128,
+    overwrite: bool = False,
 ) -> Path:
-    """Save a random ``Qwen3VLForConditionalGeneration`` + ``Qwen3VLProcessor`` under ``path``.
+    """Save a random ``Qwen3VLForConditionalGeneration`` + ``Qwen3VLProcessor`` under ``path`` (a new or
+    empty directory unless ``overwrite=True``).
 
     Text: Qwen3 decoder with head_dim 64 and interleaved M-RoPE sections ``[8, 12, 12]``. Vision: a
     2-block tower (head_dim 32) with 16 px patches merged 2x2, learned position embeddings on an 8x8
@@ -486,8 +488,7 @@ def build_tiny_qwen3_vl(
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = _target_dir(path, overwrite)
     torch.manual_seed(seed)
     head_dim = hidden_size // num_heads
     if head_dim % 16:

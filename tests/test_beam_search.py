@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from causal_lm_utils import load, prompt
+from causal_lm_utils import left_padded, load, prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,11 +48,7 @@ METHODS = {
 def test_beam_scores_are_the_patched_models_log_probs(tiny_llama_path, name):
     model = load(tiny_llama_path)
     rows = [prompt(1, 36, seed=11), prompt(1, 27, seed=12)]
-    batch = torch.full((2, 36), 3)
-    mask = torch.zeros(2, 36, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        batch[i, 36 - ids.shape[1]:] = ids[0]
-        mask[i, 36 - ids.shape[1]:] = 1
+    batch, mask = left_padded(rows)
     with torch.no_grad(), tp.patch(model, METHODS[name]()):
         out = beams(model, batch, mask)
         assert out.sequences.shape[0] == 2 * BEAMS

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from causal_lm_utils import load, prompt
+from causal_lm_utils import left_padded, load, prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,11 +78,7 @@ def test_keep_all_is_identical_and_padded_rows_are_independent(tiny_llama_path):
                               output_scores=True, return_dict_in_generate=True)
 
     rows = [prompt(1, 30, seed=7), prompt(1, 21, seed=8)]
-    batch = torch.full((2, 30), 3)
-    mask = torch.zeros(2, 30, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        batch[i, 30 - ids.shape[1]:] = ids[0]
-        mask[i, 30 - ids.shape[1]:] = 1
+    batch, mask = left_padded(rows)
     base = run(batch, mask)
     with tp.patch(model, tp.Knorm(keep=1.0)):
         same = run(batch, mask)

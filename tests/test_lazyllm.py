@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from causal_lm_utils import load, prompt
+from causal_lm_utils import left_padded, load, prompt
 from tokenprune.methods.base import resolve_keep
 
 transformers = pytest.importorskip("transformers")
@@ -301,11 +301,7 @@ def test_left_padded_rows_are_independent(tiny_llama_path, revive):
     with tp.patch(model, method):
         for ids in rows:
             singles.append(greedy(model, ids, n=5))
-        batch = torch.full((2, 40), 3)
-        mask = torch.zeros(2, 40, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            batch[i, 40 - ids.shape[1]:] = ids[0]
-            mask[i, 40 - ids.shape[1]:] = 1
+        batch, mask = left_padded(rows)
         seq, scores = greedy(model, batch, mask, n=5)
     for i, (single_seq, single_scores) in enumerate(singles):
         assert torch.equal(seq[i, 40:], single_seq[0, single_seq.shape[1] - 5:])

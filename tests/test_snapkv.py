@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tokenprune as tp
-from causal_lm_utils import load, prompt
+from causal_lm_utils import left_padded, load, prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,11 +119,7 @@ def test_left_padded_rows_are_independent(tiny_llama_path):
 
     with tp.patch(model, method) as handle:
         singles = [run(ids, torch.ones_like(ids)) for ids in rows]
-        batch = torch.full((2, 44), 3)
-        mask = torch.zeros(2, 44, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            batch[i, 44 - ids.shape[1]:] = ids[0]
-            mask[i, 44 - ids.shape[1]:] = 1
+        batch, mask = left_padded(rows)
         out = run(batch, mask)
     assert [(r.row, r.before, r.after) for r in handle.stats.last() if r.layer == 0] == [(0, 44, 22), (1, 30, 15)]
     assert out.past_key_values.layers[0].keys.shape[2] == 22 + 4

@@ -19,8 +19,9 @@ best sentence of each passage: ``min_sentences=1``; titles are separate and neve
 For each rule the parameters are chosen on the **tune** split (five domains, two question styles):
 the most compressing setting whose tune answer-sentence recall is ``>= --floor`` (0.99: a margin
 over the 98% goal). The chosen settings are then measured on the **test** split (five other domains,
-three other question styles) and, as a check, on the template suite of
-:mod:`~tokenprune.bench.suites.rag.dataset` (its test split). The rows also give each rule's
+three other question styles; ``test_seed1``: another sample of the same, to show the sampling
+spread) and, as a check, on the template suite of :mod:`~tokenprune.bench.suites.rag.dataset`
+(its test split). The rows also give each rule's
 *in-split* best on test (parameters tuned on test itself), the ceiling a perfect calibration could
 reach, and an oracle that keeps exactly the answer sentences (plus one per passage).
 The winning settings are re-run through :class:`ContextPruner` itself (replaying the cached
@@ -34,6 +35,7 @@ of the kept passage texts / characters before.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import pickle
@@ -51,7 +53,7 @@ from tokenprune.methods.context.scorers.base import (
     adaptive_keep_scores,
 )
 
-__all__ = ["Question", "score_questions", "RULES", "evaluate_rule", "ReplayScorer", "pruner_metrics"]
+__all__ = ["Question", "segment", "score_questions", "RULES", "evaluate_rule", "ReplayScorer", "pruner_metrics"]
 
 Raw = list[list[float]]  # one question: cosine of every sentence, per passage
 
@@ -75,19 +77,25 @@ def _from_template(e) -> HeldoutExample:
                           relevant=[e.gold_passage])
 
 
+def segment(examples: Sequence[HeldoutExample]) -> list[Question]:
+    """Every passage segmented and the answer sentences located; no scores yet (``raw`` empty)."""
+    out = []
+    for e in examples:
+        sentences = [list(PassageInput.from_text(p["text"]).sentences) for p in e.passages]
+        out.append(Question(e.question, e.passages, sentences, [], gold_sentence_indices(e, sentences), e.shape))
+    return out
+
+
 def score_questions(scorer: SentenceScorer, examples: Sequence[HeldoutExample], batch: int = 16,
                     progress: Optional[Callable] = None) -> list[Question]:
-    """Segment every passage, score every sentence once (``scorer.score(...).raw``)."""
-    out = []
-    starts = range(0, len(examples), batch)
+    """:func:`segment`, then every sentence scored once (``scorer.score(...).raw``)."""
+    out = segment(examples)
+    starts = range(0, len(out), batch)
     for lo in (progress(starts) if progress else starts):
-        chunk = examples[lo : lo + batch]
-        inputs = [[PassageInput.from_text(p["text"]) for p in e.passages] for e in chunk]
-        scores = scorer.score([e.question for e in chunk], inputs)
-        for e, inp, row in zip(chunk, inputs, scores):
-            sentences = [list(p.sentences) for p in inp]
-            out.append(Question(e.question, e.passages, sentences, [list(s.raw) for s in row],
-                                gold_sentence_indices(e, sentences), e.shape))
+        chunk = out[lo : lo + batch]
+        inputs = [[PassageInput.from_text(p["text"]) for p in q.passages] for q in chunk]
+        for q, row in zip(chunk, scorer.score([q.question for q in chunk], inputs)):
+            q.raw = [list(s.raw) for s in row]
     return out
 
 
@@ -206,8 +214,10 @@ def pruner_metrics(pruner: Any, questions: Sequence[Question]) -> dict[str, floa
         hits = [i in kept.get(p, ()) for p, i in q.gold]
         kept_gold, n_gold, all_kept = kept_gold + sum(hits), n_gold + len(hits), all_kept + all(hits)
         before, after = before + res.chars_before, after + res.chars_after
-    return {"recall": kept_gold / n_gold, "question_recall": all_kept / len(questions),
-            "compression": 1.0 - after / before, "questions": len(questions), "answer_sentences": n_gold}
+    recall = kept_gold / n_gold
+    return {"recall": recall, "recall_2se": 2 * math.sqrt(recall * (1 - recall) / n_gold),
+            "question_recall": all_kept / len(questions), "compression": 1.0 - after / before,
+            "questions": len(questions), "answer_sentences": n_gold}
 
 
 def oracle_metrics(questions: Sequence[Question]) -> dict[str, float]:
@@ -314,26 +324,31 @@ def main(argv=None) -> None:
     ap.add_argument("--floor", type=float, default=0.99, help="tune recall every chosen setting must reach")
     ap.add_argument("--out", default="benchmarks/results/rag_calibration", help="results stem: <out>.{json,csv}")
     ap.add_argument("--cache", default=None,
-                    help="pickle of the scored questions: read if it exists (same sizes), else written")
+                    help="pickle of the scored questions per split: splits whose questions match are read from it, "
+                         "the others scored and added")
     args = ap.parse_args(argv)
     if not 0 < args.floor <= 1:
         raise ValueError(f"--floor must be in (0, 1], got {args.floor}")
 
     bi = BiEncoderScorer()
     examples = {"tune": make_heldout("tune", args.n_tune), "test": make_heldout("test", args.n_test),
+                "test_seed1": make_heldout("test", args.n_test, seed=1),
                 "template": [_from_template(e) for e in make_split(1, args.n_template)]}
-    sizes = {split: len(ex) for split, ex in examples.items()}
-    data = None
+    cache: dict[str, tuple[list[str], list[dict]]] = {}  # split -> (questions, Question fields)
     if args.cache and os.path.exists(args.cache):
         with open(args.cache, "rb") as f:
-            cached = pickle.load(f)
-        data = cached["data"] if cached.get("sizes") == sizes else None
-    if data is None:
-        data = {split: score_questions(bi, ex, progress=lambda it, s=split: tqdm(it, desc=f"scoring {s}", leave=False))
-                for split, ex in examples.items()}
-        if args.cache:
-            with open(args.cache, "wb") as f:
-                pickle.dump({"sizes": sizes, "data": data}, f)
+            cache = pickle.load(f)
+    data = {}
+    for split, ex in examples.items():
+        key = [e.question for e in ex]
+        if split in cache and cache[split][0] == key:
+            data[split] = [Question(**q) for q in cache[split][1]]
+        else:
+            data[split] = score_questions(bi, ex, progress=lambda it, s=split: tqdm(it, desc=f"scoring {s}", leave=False))
+            cache[split] = (key, [dataclasses.asdict(q) for q in data[split]])
+    if args.cache:
+        with open(args.cache, "wb") as f:
+            pickle.dump(cache, f)
     rows, chosen = study(data, args.floor)
     best = chosen["adaptive"]
     settings = {

@@ -55,4 +55,4 @@ rag-calibration: $(VENV)/.installed
 	$(PY) -m tokenprune.bench.suites.rag.calibrate --n-tune 300 --n-test 300 --n-template 100
 
 rag-real: real-weights
-	$(PY) -m tokenprune.bench.suites.rag.qa --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3
+	$(PY) -m tokenprune.bench.suites.rag.qa --first 40 --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3

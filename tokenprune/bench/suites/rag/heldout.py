@@ -28,6 +28,7 @@ styles, ``"test"`` the other five domains and three other styles, so a threshold
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -453,8 +454,6 @@ def _entity(r: random.Random, fam: Family) -> tuple[str, dict[str, str]]:
 
 def _greater(a: str, b: str) -> int:
     """Which of two comparable values is larger, as numbers (the first number in each string)."""
-    import re
-
     x, y = (float(re.search(r"\d[\d,]*", s).group().replace(",", "")) for s in (a, b))
     return 0 if x >= y else 1
 

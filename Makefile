@@ -54,3 +54,13 @@ real-quality: real-weights
 		--resume --out $(REAL_RESULTS)/longctx_smollm2
 	$(PY) -m tokenprune.bench.suites.real_spec --target qwen2.5-coder-0.5b --prompts 4 --new-tokens 48 \
 		--repeats 2 --force --out $(REAL_RESULTS)/spec_qwen05b
+
+# RAG context pruning (docs/context_pruning.md): calibration of the bi-encoder's default on the varied
+# held-out set (MiniLM only, ~20 min on 2 busy cores), and SmolLM2-135M answering the RAG questions from
+# full / pruned / gold / no context plus the TTFT run (real weights; ~1.5 h on 2 busy cores).
+.PHONY: rag-calibration rag-real
+rag-calibration: $(VENV)/.installed
+	$(PY) -m tokenprune.bench.suites.rag.calibrate --n-tune 300 --n-test 300 --n-template 100
+
+rag-real: real-weights
+	$(PY) -m tokenprune.bench.suites.rag.qa --first 40 --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3

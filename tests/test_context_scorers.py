@@ -118,8 +118,11 @@ def test_default_pruner_prunes_the_distractors(bi_encoder):
     p = tp.ContextPruner(scorer=bi_encoder)
     res = p.prune(QUESTION, [{"title": "Acme", "text": PASSAGE}])
     assert "founded in 1875" in res.passages[0]["text"]
-    assert "regulation" not in res.passages[0]["text"]
+    assert "head office" not in res.passages[0]["text"]
     assert 0 < res.tokens_after < res.tokens_before
+    # keep scores: 0.99, 1, 0.29, 0.55 -- a stricter threshold also drops the regulation sentence
+    strict = tp.ContextPruner(scorer=bi_encoder, threshold=0.6).prune(QUESTION, [{"title": "Acme", "text": PASSAGE}])
+    assert strict.kept_sentences == [[0, 1]]
 
 
 def test_bi_encoder_empty_inputs(bi_encoder):

@@ -382,6 +382,9 @@ MODE_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
         ("TTFT ms", lambda r: _spread(r, "ttft_ms", ".1f")),
         ("TTFT speedup", lambda r: _ratio(r.get("speedup"))),
         ("incl. pruning", lambda r: _ratio(r.get("speedup_with_pruning"))),
+        # real generators only (--model smollm2-135m): greedy answers scored against the gold answer
+        ("answer accuracy", lambda r: "-" if r.get("answer_accuracy") is None
+         else f"{r['answer_accuracy']:.2f} ±{r['answer_accuracy_2se']:.2f}"),
     ],
 }
 

@@ -58,7 +58,7 @@ class ContextPruner(Pruner):
         model: local model path for the named scorer (``None``: the scorer's default; the
             cross-encoder and provence scorers need one).
         threshold: keep sentences scoring ``>= threshold``, in [0, 1]; 0 keeps everything.
-            ``None`` with no ``keep_ratio``: the scorer's default (bi-encoder 0.575, cross-encoder
+            ``None`` with no ``keep_ratio``: the scorer's default (bi-encoder 0.43, cross-encoder
             0.6, provence 0.1).
         keep_ratio: instead of a threshold, keep this fraction (0, 1] of each passage's sentences.
         min_sentences: keep at least this many sentences of each passage (>= 0), the title

@@ -20,7 +20,7 @@ Fictional names make the answer impossible to know without the passage.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Example", "make_split"]
 
@@ -111,12 +111,18 @@ _FILLER = {
 
 @dataclass
 class Example:
+    """One question; ``candidates``: the distinct values of the asked attribute stated in its passages
+    (the answer and those of the same-kind distractor entities)."""
+
     qid: str
     question: str
     answer: str
     gold_sentence: str
     gold_passage: int
     passages: list[dict]
+    kind: str = ""
+    attribute: str = ""
+    candidates: list[str] = field(default_factory=list)
 
 
 def _passage(rng: random.Random, kind: str, entity: str, facts: dict[str, str], force: str | None) -> tuple[dict, str | None]:
@@ -155,10 +161,12 @@ def make_split(seed: int, n_questions: int = 200, n_passages: int = 5) -> list[E
         passages = []
         gold_passage, gold = _passage(rng, kind, entity, facts, attr)
         passages.append(gold_passage)
+        candidates = [facts[attr]]
         # Same relation, other entity: the hardest distractors.
         for _ in range(rng.randint(1, 2)):
             other, other_facts = _entity(rng, kind)
             passages.append(_passage(rng, kind, other, other_facts, None)[0])
+            candidates += [other_facts[attr]] * (other_facts[attr] not in candidates)
         while len(passages) < n_passages:
             k = rng.choice([k for k in kinds if k != kind])
             other, other_facts = _entity(rng, k)
@@ -167,5 +175,5 @@ def make_split(seed: int, n_questions: int = 200, n_passages: int = 5) -> list[E
         rng.shuffle(order)
         passages = [passages[i] for i in order]
         question = rng.choice(_KINDS[kind][1][attr][2]).format(e=entity)
-        out.append(Example(f"{seed}-{qi}", question, facts[attr], gold, order.index(0), passages))
+        out.append(Example(f"{seed}-{qi}", question, facts[attr], gold, order.index(0), passages, kind, attr, candidates))
     return out

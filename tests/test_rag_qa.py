@@ -1,4 +1,4 @@
-"""RAG end to end with a real generator (tokenprune.bench.suites.rag.qa): answer scoring, intervals,
+"""RAG end to end with a real generator (tokenprune.bench.suites.rag.qa and .answers): answer scoring, intervals,
 the ChatML documents template with the pruning hook; the SmolLM2 run itself is marked ``real``."""
 
 import math
@@ -7,7 +7,7 @@ import os
 import pytest
 
 import tokenprune as tp
-from tokenprune.bench.suites.rag import qa
+from tokenprune.bench.suites.rag import answers
 from tokenprune.bench.suites.rag.dataset import make_split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,20 +24,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ("", "Cork", False),
 ])
 def test_is_correct(output, answer, ok):
-    assert qa.is_correct(output, answer) is ok
+    assert answers.is_correct(output, answer) is ok
 
 
 def test_accuracy_and_paired_difference():
-    acc = qa.accuracy([True, False, True, True])
+    acc = answers.accuracy([True, False, True, True])
     assert (acc.correct, acc.n, acc.value) == (3, 4, 0.75)
     assert acc.two_se == pytest.approx(2 * math.sqrt(0.75 * 0.25 / 4))
-    d, se2 = qa.paired_difference([True, True, False, True], [True, False, False, False])
+    d, se2 = answers.paired_difference([True, True, False, True], [True, False, False, False])
     assert d == 0.5 and se2 == pytest.approx(2 * 0.5773502691896258 / 2)
-    assert qa.paired_difference([True, False], [True, False]) == (0.0, 0.0)
+    assert answers.paired_difference([True, False], [True, False]) == (0.0, 0.0)
     with pytest.raises(ValueError):
-        qa.accuracy([])
+        answers.accuracy([])
     with pytest.raises(ValueError):
-        qa.paired_difference([True], [True, False])
+        answers.paired_difference([True], [True, False])
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +47,19 @@ def chatml_tokenizer():
     from tokenprune.methods.context.scorers.bi_encoder import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())  # any tokenizer renders the template
-    tok.chat_template = qa.CHATML_DOC_TEMPLATE
+    tok.chat_template = answers.CHATML_DOC_TEMPLATE
     return tok
 
 
 def test_template_puts_documents_in_the_last_user_message(chatml_tokenizer):
     e = make_split(1, 1)[0]
-    text = chatml_tokenizer.apply_chat_template(qa.messages_for(e.question), documents=e.passages[:2],
+    text = chatml_tokenizer.apply_chat_template(answers.messages_for(e.question), documents=e.passages[:2],
                                                 add_generation_prompt=True, tokenize=False)
     example, last = text.split("<|im_start|>assistant\nGraz<|im_end|>\n")
-    assert example.startswith(f"<|im_start|>system\n{qa.SYSTEM}<|im_end|>\n<|im_start|>user\n# Zorvik Labs\n")
+    assert example.startswith(f"<|im_start|>system\n{answers.SYSTEM}<|im_end|>\n<|im_start|>user\n# Zorvik Labs\n")
     assert last == ("<|im_start|>user\n" + "".join(f"# {p['title']}\n{p['text']}\n\n" for p in e.passages[:2])
                     + f"Question: {e.question}<|im_end|>\n<|im_start|>assistant\n")
-    bare = chatml_tokenizer.apply_chat_template(qa.messages_for(e.question), add_generation_prompt=True,
+    bare = chatml_tokenizer.apply_chat_template(answers.messages_for(e.question), add_generation_prompt=True,
                                                 tokenize=False)
     assert bare.endswith(f"<|im_start|>user\nQuestion: {e.question}<|im_end|>\n<|im_start|>assistant\n")
     assert "Zorvik Labs was founded" in bare  # the worked example keeps its own documents
@@ -67,16 +67,16 @@ def test_template_puts_documents_in_the_last_user_message(chatml_tokenizer):
 
 def test_render_prunes_through_the_hook(chatml_tokenizer):
     e = make_split(1, 1)[0]
-    messages = qa.messages_for(e.question)
-    full = qa.render(chatml_tokenizer, messages, e.passages)
-    keep_all = qa.render(chatml_tokenizer, messages, e.passages, tp.ContextPruner(threshold=0.0))
+    messages = answers.messages_for(e.question)
+    full = answers.render(chatml_tokenizer, messages, e.passages)
+    keep_all = answers.render(chatml_tokenizer, messages, e.passages, tp.ContextPruner(threshold=0.0))
     assert full["input_ids"].tolist() == keep_all["input_ids"].tolist()
-    pruned = qa.render(chatml_tokenizer, messages, e.passages, tp.ContextPruner())
+    pruned = answers.render(chatml_tokenizer, messages, e.passages, tp.ContextPruner())
     assert pruned["input_ids"].shape[1] < full["input_ids"].shape[1]
     text = chatml_tokenizer.decode(pruned["input_ids"][0])
     assert "zorvik labs was founded in 1931" in text  # the worked example is never pruned (MiniLM lower-cases)
     # the patch is gone after the call: the same prompt as before
-    assert qa.render(chatml_tokenizer, messages, e.passages)["input_ids"].tolist() == full["input_ids"].tolist()
+    assert answers.render(chatml_tokenizer, messages, e.passages)["input_ids"].tolist() == full["input_ids"].tolist()
 
 
 @pytest.mark.real("smollm2-135m")

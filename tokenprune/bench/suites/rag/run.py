@@ -31,7 +31,7 @@ import tokenprune as tp
 from tokenprune.bench.modes import BenchConfig
 from tokenprune.bench.results import Samples, variant_rows
 from tokenprune.bench.suites.common import SIZE_PRESETS, check_config
-from tokenprune.bench.suites.rag import qa
+from tokenprune.bench.suites.rag import answers
 from tokenprune.bench.suites.rag.dataset import make_split
 from tokenprune.bench.timing import Stopwatch, interleaved_schedule, summarize
 from tokenprune.methods.context import (
@@ -221,8 +221,8 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
         from tokenprune.real_weights import load_real_lm
 
         model, tok = load_real_lm(config.model)
-        tok.chat_template = qa.CHATML_DOC_TEMPLATE
-        conversation = qa.messages_for
+        tok.chat_template = answers.CHATML_DOC_TEMPLATE
+        conversation = answers.messages_for
     else:
         tok = AutoTokenizer.from_pretrained(default_model_path())
         tok.chat_template = DOC_TEMPLATE
@@ -248,7 +248,7 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
 
     def prompt(example, method):
         with Stopwatch() as watch:
-            ids = qa.render(tok, conversation(example.question), example.passages, method)
+            ids = answers.render(tok, conversation(example.question), example.passages, method)
         ids.pop("token_type_ids", None)  # BERT-style tokenizer output; a Llama takes none
         return ids, watch.wall_s
 
@@ -276,8 +276,8 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
             samples.add(run.variant, run.rep, ttft_ms=1e3 * ttft / n, e2e_ms=1e3 * (ttft + pruning) / n)
     if real and config.extra.get("answers", True):
         for label, method in variants:  # not timed: greedy answers to the same prompts
-            hits = [qa.is_correct(qa.generate_answer(model, tok, prompt(e, method)[0]), e.answer) for e in examples]
-            acc = qa.accuracy(hits)
+            hits = [answers.is_correct(answers.generate_answer(model, tok, prompt(e, method)[0]), e.answer) for e in examples]
+            acc = answers.accuracy(hits)
             per_variant[label].update(answer_accuracy=acc.value, answer_accuracy_2se=acc.two_se,
                                       answers_correct=acc.correct)
     for label, _ in variants:

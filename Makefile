@@ -57,7 +57,7 @@ real-quality: real-weights
 
 # RAG context pruning (docs/context_pruning.md): calibration of the bi-encoder's default on the varied
 # held-out set (MiniLM only, ~20 min on 2 busy cores), and SmolLM2-135M answering the RAG questions from
-# full / pruned / gold / no context plus the TTFT run (real weights; ~1.5 h on 2 busy cores).
+# full / pruned / gold / no context plus the TTFT run (real weights; ~25 min on 2 cores).
 .PHONY: rag-calibration rag-real
 rag-calibration: $(VENV)/.installed
 	$(PY) -m tokenprune.bench.suites.rag.calibrate --n-tune 300 --n-test 300 --n-template 100

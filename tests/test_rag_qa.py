@@ -27,6 +27,47 @@ def test_is_correct(output, answer, ok):
     assert answers.is_correct(output, answer) is ok
 
 
+def test_an_answer_naming_another_candidate_is_wrong():
+    others = ["the University of Tampere", "the University of Oslo"]
+    assert answers.is_correct("the University of Lima", "the University of Lima", others)
+    assert not answers.is_correct("Tampere, then the University of Lima", "the University of Lima", others)
+    # an other value inside the answer's own words cannot be told apart: ignored
+    assert answers.is_correct("New York City", "New York City", ["York"])
+
+
+def test_answer_study_rows(chatml_tokenizer, monkeypatch):
+    """The study's rows from scripted answers (no model): a reader that answers exactly when the
+    answer sentence is in its prompt, and otherwise names a distractor's value."""
+    from tokenprune.bench.suites.rag import qa
+
+    examples = make_split(1, 6)[2:]
+    by_question = {e.question: e for e in examples}
+
+    def scripted(model, tokenizer, ids):
+        text = tokenizer.decode(ids["input_ids"][0]).lower()
+        e = next(e for q, e in by_question.items() if q.lower() in text)
+        gold = e.passages[e.gold_passage]["text"].lower()
+        return e.answer if e.answer.lower() in text and e.answer.lower() in gold else \
+            next((v for v in e.candidates if v != e.answer), "no idea")
+
+    monkeypatch.setattr(qa, "generate_answer", scripted)
+    rows, outputs = qa.answer_study(None, chatml_tokenizer, examples, [0.3])
+    by = {r["context"] if r["context"] != "pruned" else r["label"]: r for r in rows}
+    assert by["none"]["accuracy"] == 0.0
+    assert by["none"]["distractor_answers"] == sum(len(e.candidates) > 1 for e in examples) > 0
+    assert by["full"]["accuracy"] == by["oracle"]["accuracy"] == 1.0 and by["full"]["accuracy_2se"] == 0.0
+    assert by["none"]["accuracy_minus_full"] == -1.0 and by["oracle"]["accuracy_minus_full"] == 0.0
+    assert by["oracle"]["prompt_tokens_median"] < by["full"]["prompt_tokens_median"]
+    pruned = [r for r in rows if r["context"] == "pruned"]
+    assert [r["threshold"] for r in pruned] == [tp.ContextPruner().effective_threshold, 0.3]
+    for r in pruned:  # the default keeps every answer sentence here, so the reader still answers
+        assert r["answer_recall"] == 1.0 and r["accuracy"] == 1.0
+        assert r["prompt_tokens_median"] < by["full"]["prompt_tokens_median"]
+    chance = by["chance"]
+    assert chance["accuracy"] == pytest.approx(sum(1 / len(e.candidates) for e in examples) / len(examples))
+    assert len(outputs) == len(examples) * (len(rows) - 1)
+
+
 def test_accuracy_and_paired_difference():
     acc = answers.accuracy([True, False, True, True])
     assert (acc.correct, acc.n, acc.value) == (3, 4, 0.75)
@@ -93,5 +134,6 @@ def test_rag_runner_with_smollm2(tmp_path):
         assert 0.0 <= row["answer_accuracy"] <= 1.0 and row["answers_correct"] in (0, 1, 2)
         assert row["ttft_ms"] > 0
     assert pruned["prompt_tokens_after"] < base["prompt_tokens"]
-    # the generator sees the full passages in the baseline: question 0 is answered from them
+    # the questions after the prompt-format ones; the generator answers question 40 from the full passages
+    assert pruned["questions"] == 2
     assert base["answers_correct"] >= 1

@@ -5,7 +5,8 @@
 Prompt: SmolLM2's ChatML with the documents rendered into the last user message (``# title`` +
 text, then ``Question: ...``), a system instruction and one worked example; see the study's
 docstring for how the format was chosen. Scoring: greedy decoding, the first line of the output,
-correct when every word of the gold answer occurs in it (:func:`is_correct`).
+correct when every word of the gold answer and no other candidate value occurs in it
+(:func:`is_correct`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["GENERATOR", "CHATML_DOC_TEMPLATE", "SYSTEM", "WORKED_EXAMPLE", "ANSWER_TOKENS", "messages_for", "answer_words",
-           "is_correct", "render", "generate_answer", "Accuracy", "accuracy", "paired_difference"]
+__all__ = ["GENERATOR", "CHATML_DOC_TEMPLATE", "SYSTEM", "WORKED_EXAMPLE", "ANSWER_TOKENS", "FORMAT_TUNING_QUESTIONS", "messages_for",
+           "answer_words", "names", "is_correct", "render", "generate_answer", "Accuracy", "accuracy", "paired_difference"]
 
 #: the real generator of this study (a key of tokenprune.real_weights.REAL_MODELS)
 GENERATOR = "smollm2-135m"
 ANSWER_TOKENS = 24
+#: test-split questions 0-39 were used to choose the prompt format; accuracy is measured on the rest
+FORMAT_TUNING_QUESTIONS = 40
 
 #: ChatML (SmolLM2's format) with documents: a user message's own ``documents`` (the worked example)
 #: or, for the last user message, the ``documents=`` of ``apply_chat_template``.
@@ -66,10 +69,20 @@ def answer_words(text: str) -> list[str]:
     return [w for w in re.sub(r"[^a-z0-9]+", " ", text).split() if w not in _FUNCTION_WORDS]
 
 
-def is_correct(output: str, answer: str) -> bool:
-    """Every word of ``answer`` occurs in the first line of ``output``."""
+def names(output: str, value: str) -> bool:
+    """Every word of ``value`` occurs in the first line of ``output``."""
     first = output.strip().split("\n", 1)[0] if output.strip() else ""
-    return bool(answer_words(answer)) and set(answer_words(answer)) <= set(answer_words(first))
+    return bool(answer_words(value)) and set(answer_words(value)) <= set(answer_words(first))
+
+
+def is_correct(output: str, answer: str, others: Sequence[str] = ()) -> bool:
+    """``output`` names ``answer`` and none of the ``others`` (the other candidate values: an output
+    hedging between two values, "Graz or Porto", is wrong). An other value whose words are all words
+    of the answer cannot be told apart from it and is ignored."""
+    if not names(output, answer):
+        return False
+    own = set(answer_words(answer))
+    return not any(names(output, v) for v in others if not set(answer_words(v)) <= own)
 
 
 def render(tokenizer: Any, messages: list[dict], documents: Sequence[dict], pruner: Any = None) -> dict[str, torch.Tensor]:
@@ -98,6 +111,10 @@ class Accuracy:
     correct: int
     n: int
 
+    def __post_init__(self):
+        if not 0 <= self.correct <= self.n or self.n < 1:
+            raise ValueError(f"Accuracy needs 0 <= correct <= n and n >= 1, got correct={self.correct}, n={self.n}")
+
     @property
     def value(self) -> float:
         return self.correct / self.n
@@ -118,7 +135,8 @@ def accuracy(hits: Sequence[bool]) -> Accuracy:
 def paired_difference(hits: Sequence[bool], reference: Sequence[bool]) -> tuple[float, float]:
     """Mean of ``hits - reference`` per question and two standard errors of that mean."""
     if len(hits) != len(reference) or not hits:
-        raise ValueError("paired difference needs two non-empty samples of equal length")
+        raise ValueError(f"paired difference needs two non-empty samples of equal length, got {len(hits)} "
+                         f"and {len(reference)}")
     d = [float(a) - float(b) for a, b in zip(hits, reference)]
     mean = statistics.fmean(d)
     sd = statistics.stdev(d) if len(d) > 1 else 0.0

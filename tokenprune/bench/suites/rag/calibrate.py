@@ -1,7 +1,7 @@
 """Calibration of the bi-encoder's default keep rule on the varied held-out set
 (:mod:`~tokenprune.bench.suites.rag.heldout`), tuned on one split and reported on the other.
 
-    HF_HUB_OFFLINE=1 python -m tokenprune.bench.suites.rag.calibrate --n-tune 200 --n-test 200
+    make rag-calibration   # = python -m tokenprune.bench.suites.rag.calibrate --n-tune 300 --n-test 300 --n-template 100
 
 Protocol. MiniLM's question-sentence cosine similarities are computed once per question; every
 candidate keep rule is then a function of those numbers, evaluated exactly as
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import pickle
@@ -142,6 +143,7 @@ def evaluate_rule(questions: Sequence[Question], keep_fn: Callable[[Raw], Raw],
     from a pruned passage: a difference of one character per passage, checked by
     :func:`pruner_metrics` on the chosen settings).
     """
+    _check_questions(questions)
     t = np.asarray(thresholds, dtype=float)[:, None]
     gold_kept = np.zeros(len(t))
     q_all = np.zeros(len(t))
@@ -173,12 +175,17 @@ def evaluate_rule(questions: Sequence[Question], keep_fn: Callable[[Raw], Raw],
             "compression": 1.0 - after / before}
 
 
+def _check_questions(questions: Sequence[Question]) -> None:
+    if not questions:
+        raise ValueError("questions must hold at least one scored question, got none")
+
+
 def _best_at(curve: dict[str, np.ndarray], floor: float) -> Optional[int]:
     """Index of the most compressing setting with recall >= floor (ties: the lowest threshold)."""
     ok = np.flatnonzero(curve["recall"] >= floor - 1e-12)
     if ok.size == 0:
         return None
-    return int(ok[np.argmax(curve["compression"][ok] + 1e-9 * -np.arange(ok.size))])
+    return int(ok[np.argmax(curve["compression"][ok])])  # argmax: the first maximum
 
 
 # ---------------------------------------------------------------------------- the pruner itself
@@ -207,6 +214,7 @@ class ReplayScorer(SentenceScorer):
 
 def pruner_metrics(pruner: Any, questions: Sequence[Question]) -> dict[str, float]:
     """Answer-sentence recall, question recall and character compression of ``pruner`` on ``questions``."""
+    _check_questions(questions)
     results = pruner.prune([q.question for q in questions], [q.passages for q in questions])
     kept_gold = n_gold = all_kept = before = after = 0
     for q, res in zip(questions, results):
@@ -222,6 +230,7 @@ def pruner_metrics(pruner: Any, questions: Sequence[Question]) -> dict[str, floa
 
 def oracle_metrics(questions: Sequence[Question]) -> dict[str, float]:
     """Keep exactly the answer sentences, plus each passage's best-scoring sentence (``min_sentences=1``)."""
+    _check_questions(questions)
     before = after = 0
     for q in questions:
         gold = set(q.gold)
@@ -256,7 +265,7 @@ def study(data: dict[str, list[Question]], floor: float) -> tuple[list[dict], di
         for split in data:
             c = curves[label][split]
             row.update({f"{split}_{k}": float(c[k][i]) for k in ("recall", "question_recall", "compression")})
-        for split in data:  # the ceiling: the same rule tuned on that split itself
+        for split in data:  # the ceiling: the same rule tuned on that split itself, at the goal (98%), not the floor
             j = _best_at(curves[label][split], 0.98)
             row[f"{split}_in_split_compression_at_0.98"] = None if j is None else float(curves[label][split]["compression"][j])
         rows.append(row)
@@ -329,18 +338,22 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not 0 < args.floor <= 1:
         raise ValueError(f"--floor must be in (0, 1], got {args.floor}")
+    for name in ("n_tune", "n_test", "n_template"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     bi = BiEncoderScorer()
     examples = {"tune": make_heldout("tune", args.n_tune), "test": make_heldout("test", args.n_test),
                 "test_seed1": make_heldout("test", args.n_test, seed=1),
                 "template": [_from_template(e) for e in make_split(1, args.n_template)]}
-    cache: dict[str, tuple[list[str], list[dict]]] = {}  # split -> (questions, Question fields)
+    # split -> (fingerprint of the scorer and the split's questions and passages, Question fields)
+    cache: dict[str, tuple[str, list[dict]]] = {}
     if args.cache and os.path.exists(args.cache):
         with open(args.cache, "rb") as f:
             cache = pickle.load(f)
     data = {}
     for split, ex in examples.items():
-        key = [e.question for e in ex]
+        key = hashlib.sha256(repr((bi.to_config(), [(e.question, e.passages) for e in ex])).encode()).hexdigest()
         if split in cache and cache[split][0] == key:
             data[split] = [Question(**q) for q in cache[split][1]]
         else:

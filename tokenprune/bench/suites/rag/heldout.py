@@ -398,7 +398,8 @@ class HeldoutExample:
     """One question and its passages (``{"title", "text"}`` dicts).
 
     ``gold`` lists ``(passage index, answer sentence)`` for every fact the question needs (each stated
-    exactly once); ``answers`` the answer strings; ``relevant`` the passages holding a gold sentence.
+    exactly once); ``answers`` the answer strings (a comparison: the entity the question asks for,
+    or both values for a keyword query); ``relevant`` the passages holding a gold sentence.
     """
 
     qid: str
@@ -452,10 +453,22 @@ def _entity(r: random.Random, fam: Family) -> tuple[str, dict[str, str]]:
     return fam.name_maker(r), {k: a.value(r) for k, a in fam.attributes.items()}
 
 
-def _greater(a: str, b: str) -> int:
-    """Which of two comparable values is larger, as numbers (the first number in each string)."""
+#: words of a comparison question that ask for the smaller value ("Which is older": the earlier
+#: year) or the larger one ("Which employs more people"); every template has exactly one of them.
+_ASKS_SMALLER = ("older", "first", "earlier")
+_ASKS_LARGER = ("more", "longer", "heavier", "higher", "bigger")
+
+
+def _winner(template: str, a: str, b: str) -> int:
+    """Which of two comparable values (the first number in each string) a comparison question
+    ``template`` asks for: 0 for ``a``, 1 for ``b`` (a tie: ``a``)."""
+    words = set(re.findall(r"[a-z]+", template.lower()))
+    smaller, larger = words & set(_ASKS_SMALLER), words & set(_ASKS_LARGER)
+    if bool(smaller) == bool(larger):
+        raise ValueError(f"comparison template {template!r} names no direction (or both): "
+                         f"use one of {_ASKS_SMALLER + _ASKS_LARGER}")
     x, y = (float(re.search(r"\d[\d,]*", s).group().replace(",", "")) for s in (a, b))
-    return 0 if x >= y else 1
+    return int(y < x) if smaller else int(y > x)
 
 
 def make_heldout(split: str, n_questions: int = 200, seed: int = 0) -> list[HeldoutExample]:
@@ -478,8 +491,6 @@ def make_heldout(split: str, n_questions: int = 200, seed: int = 0) -> list[Held
         if shape == "compare" and not any(a.compare for a in fam.attributes.values()):
             shape = "single"
         style = r.choice(styles)
-        if shape == "two-facts" and style == "report":
-            style = "bare" if "bare" in styles else styles[0]
         entity, facts = _entity(r, fam)
         relevant: list[tuple[dict, list[tuple[str, str]]]] = []  # passage, [(attribute, gold sentence)]
         if shape == "single":
@@ -510,10 +521,13 @@ def make_heldout(split: str, n_questions: int = 200, seed: int = 0) -> list[Held
                 passage, gold = _profile(r, fam, ent, f, set(), {attr})
                 relevant.append((passage, [(attr, gold[attr])]))
             a = fam.attributes[attr]
-            q = r.choice(a.compare).format(a=entity, b=other)
-            question = (f"{a.keyword.format(e=entity)} vs {a.keyword.format(e=other)}" if style == "keyword"
-                        else _STYLES[style].format(q=q, e=entity))
-            answers = [(entity, other)[_greater(facts[attr], other_facts[attr])]]
+            template = r.choice(a.compare)
+            if style == "keyword":  # no direction asked: both values
+                question = f"{a.keyword.format(e=entity)} vs {a.keyword.format(e=other)}"
+                answers = [facts[attr], other_facts[attr]]
+            else:
+                question = _STYLES[style].format(q=template.format(a=entity, b=other), e=entity)
+                answers = [(entity, other)[_winner(template, facts[attr], other_facts[attr])]]
         n_passages = r.randint(4, 7)
         distractors = []
         # Same domain, other entities: they state the asked attribute too (the hardest distractors).

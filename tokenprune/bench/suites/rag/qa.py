@@ -22,7 +22,8 @@ then, with this scorer, documents labelled ``Document i: title`` 20/40 (the mode
 Scoring. Greedy decoding, at most :data:`~tokenprune.bench.suites.rag.answers.ANSWER_TOKENS` new tokens, first line of the output; the
 answer is correct when every word of the gold answer (lower-cased; punctuation, articles, "of",
 "in", "at" and digit grouping removed) occurs in it ("Kyoto University" answers "the University of Kyoto"; "Felix Silva"
-does not answer "John Silva"). Accuracy comes with two standard errors, sqrt(p(1-p)/n), and each
+does not answer "John Silva"), and names no other candidate value (an answer hedging between the
+right and a wrong value is wrong). Accuracy comes with two standard errors, 2 sqrt(p(1-p)/n), and each
 condition's difference to the full context with the two standard errors of the paired difference.
 
 Conditions: no context (the names are fictional: the model cannot know), the full context (5
@@ -50,8 +51,10 @@ from tokenprune.bench.suites.rag.answers import (
     WORKED_EXAMPLE,
     accuracy,
     generate_answer,
+    FORMAT_TUNING_QUESTIONS,
     is_correct,
     messages_for,
+    names,
     paired_difference,
     render,
 )
@@ -89,9 +92,10 @@ def answer_study(model: Any, tokenizer: Any, examples: Sequence[Any], thresholds
             docs = {"none": [], "oracle": [e.passages[e.gold_passage]]}.get(context, e.passages)
             ids = render(tokenizer, messages_for(e.question), docs, pruner)
             out = generate_answer(model, tokenizer, ids)
-            ok.append(is_correct(out, e.answer))
-            # the answer of a same-kind distractor entity (read the wrong passage)
-            wrong_entity = not ok[-1] and any(is_correct(out, v) for v in e.candidates if v != e.answer)
+            others = [v for v in e.candidates if v != e.answer]
+            ok.append(is_correct(out, e.answer, others))
+            # the answer of a same-kind distractor entity (read the wrong passage, or hedged)
+            wrong_entity = not ok[-1] and any(names(out, v) for v in others)
             distractor += wrong_entity
             tokens.append(ids["input_ids"].shape[1])
             outputs.append({"qid": e.qid, "condition": label, "question": e.question, "answer": e.answer,
@@ -133,7 +137,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60, help="test questions answered per condition (default: %(default)s)")
-    ap.add_argument("--first", type=int, default=40,
+    ap.add_argument("--first", type=int, default=FORMAT_TUNING_QUESTIONS,
                     help="skip the first test questions (0-39 were used to choose the prompt format)")
     ap.add_argument("--thresholds", default="0.3,0.575,0.75",
                     help="ContextPruner thresholds besides the default (default: %(default)s)")
@@ -146,7 +150,10 @@ def main(argv=None) -> None:
     for name, low in (("n", 1), ("reps", 1), ("threads", 1), ("first", 0), ("n_ttft", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}") from None
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_real_lm(GENERATOR)

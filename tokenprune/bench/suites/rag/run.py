@@ -203,7 +203,8 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
     package, ``make real-weights``): the real SmolLM2-135M-Instruct as the generator, prompted as in
     :mod:`~tokenprune.bench.suites.rag.qa`, and each variant's ``answer_accuracy`` (with
     ``answer_accuracy_2se`` and ``answers_correct``) on the same questions (greedy answers, not
-    timed; ``extra["answers"] = False`` skips them).
+    timed; ``extra["answers"] = False`` skips them); its questions start after the
+    :data:`~tokenprune.bench.suites.rag.answers.FORMAT_TUNING_QUESTIONS` the prompt was chosen on.
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -216,7 +217,9 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
     if size is None and not real:
         raise ValueError(f"rag mode needs --model tiny or medium (a random generator's size) or a real model "
                          f"({', '.join(REAL_MODELS)}), got {config.model!r}")
-    examples = make_split(1, config.extra.get("samples") or 8)  # seed 1: the suite's test split
+    # seed 1: the suite's test split; a real generator skips the questions its prompt was chosen on
+    first = answers.FORMAT_TUNING_QUESTIONS if real else 0
+    examples = make_split(1, first + (config.extra.get("samples") or 8))[first:]
     if real:
         from tokenprune.real_weights import load_real_lm
 
@@ -276,7 +279,8 @@ def run(config: BenchConfig, track: Callable[..., Iterable]) -> list[dict[str, A
             samples.add(run.variant, run.rep, ttft_ms=1e3 * ttft / n, e2e_ms=1e3 * (ttft + pruning) / n)
     if real and config.extra.get("answers", True):
         for label, method in variants:  # not timed: greedy answers to the same prompts
-            hits = [answers.is_correct(answers.generate_answer(model, tok, prompt(e, method)[0]), e.answer) for e in examples]
+            hits = [answers.is_correct(answers.generate_answer(model, tok, prompt(e, method)[0]), e.answer,
+                                       [v for v in e.candidates if v != e.answer]) for e in examples]
             acc = answers.accuracy(hits)
             per_variant[label].update(answer_accuracy=acc.value, answer_accuracy_2se=acc.two_se,
                                       answers_correct=acc.correct)

@@ -71,7 +71,7 @@ class BiEncoderScorer(SentenceScorer):
     #: calibrated on the tune split of the varied held-out set (tokenprune.bench.suites.rag.heldout:
     #: five domains, two question styles; one, two or comparison facts over several passages): the
     #: largest threshold with >= 99% tune answer-sentence recall. On the test split (five other
-    #: domains and styles) it keeps 99.1% of answer sentences at 72.2% compression
+    #: domains, three other styles) it keeps 99.1% of answer sentences at 72.2% compression
     #: (tokenprune.bench.suites.rag.calibrate, docs/context_pruning.md). It was 0.575 before (tuned
     #: on the template suite alone: 95.6% recall on that test split).
     default_threshold = 0.43

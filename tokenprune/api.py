@@ -223,7 +223,9 @@ def patch(target: Any, method: Any) -> PatchHandle:
     method = _as_method(method)
     targets = list(target) if isinstance(target, (list, tuple)) else [target]
     if not isinstance(method, Compose) and len(method.components()) == 1:
-        if len(targets) > 1:
+        if len(targets) == 1:
+            target = targets[0]  # (model,) as well as model
+        else:
             found = _find(method.stage, targets)
             if found is None:
                 raise ValueError(f"none of the targets can take {type(method).__name__} (stage {method.stage!r})")

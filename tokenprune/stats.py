@@ -75,16 +75,15 @@ class PruneStats:
 
     def summary(self) -> dict[str, Any]:
         """Totals over the last call: tokens before/after and the kept ratio. When several stages
-        pruned the images (a composition), ``before`` is what the first one saw and ``after`` what
-        the last one kept."""
-        recs = self.per_image()
+        pruned (a composition), ``before`` is what the first one saw and ``after`` what the last one
+        kept (image records when there are any; otherwise per-layer records, summed over layers)."""
+        recs = self.per_image() or self.last()
         if recs:
             kinds = list(dict.fromkeys(r.kind for r in recs))  # in the order the stages ran
             before = sum(r.before for r in recs if r.kind == kinds[0])
             recs = [r for r in recs if r.kind == kinds[-1]]
         else:
-            recs = self.last()
-            before = sum(r.before for r in recs)
+            before = 0
         after = sum(r.after for r in recs)
         return {
             "call": self.calls,

@@ -50,6 +50,7 @@ sliding-window attention beyond the window.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -207,6 +208,61 @@ class _State:
 # --------------------------------------------------------------------------- policy views
 
 
+def _names(policies: list[Pruner]) -> str:
+    return " + ".join(type(m).__name__ for m in policies)
+
+
+def check_generate_options(policies: list[Pruner], kwargs: dict[str, Any], default_config: Any = None) -> None:
+    """Refuse, before any work, the ``generate`` options a decoder policy cannot follow:
+
+    * ``use_cache=False``: the policies prune the prompt once and keep pruned KV entries; without a
+      cache every step would be a new prefill (LazyLLM would prune generated tokens, KV policies
+      nothing).
+    * a ``past_key_values`` that already holds tokens (continuing a conversation): its entries were
+      pruned or not by an earlier call; the runtime starts from an empty cache.
+    * a ``cache_implementation`` other than the dynamic cache: layers of different lengths need it.
+    * assisted decoding (``assistant_model``, ``prompt_lookup_num_tokens``, ...): its first pass holds
+      the prompt plus candidate tokens, which would be pruned as prompt, and it crops the cache.
+
+    ``kwargs`` are generate's keyword arguments; options may also come from the ``generation_config``
+    argument or the model's ``default_config``.
+    """
+    config = kwargs.get("generation_config") or default_config
+
+    def option(name: str) -> Any:
+        value = kwargs.get(name)
+        return getattr(config, name, None) if value is None else value
+
+    who = _names(policies)
+    if option("use_cache") is False:
+        raise ValueError(f"{who} prunes the prompt once and keeps a pruned KV cache: generate needs use_cache=True "
+                         "(the default), got use_cache=False")
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+        raise ValueError(f"{who} needs generate to start from an empty cache; past_key_values already holds "
+                         f"{past.get_seq_length()} tokens (continue a conversation by passing the whole "
+                         "conversation as the prompt)")
+    if past is not None:
+        _check_cache(past, policies)
+    cache = option("cache_implementation")
+    if cache not in (None, "dynamic"):
+        raise NotImplementedError(f"{who} needs the dynamic KV cache (its layers hold different numbers of "
+                                  f"tokens), got cache_implementation={cache!r}")
+    for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+        if option(name) is not None:
+            raise NotImplementedError(f"{who} cannot run under assisted decoding: its first pass would prune the "
+                                      f"candidate tokens as prompt; got {name}={option(name)!r} "
+                                      "(for pruned speculative decoding see tp.DraftTree)")
+
+
+def _check_cache(past: Any, policies: list[Pruner]) -> None:
+    from transformers import DynamicCache
+
+    if not isinstance(past, DynamicCache):
+        raise NotImplementedError(f"{_names(policies)} needs a transformers DynamicCache (its layers hold "
+                                  f"different numbers of tokens), got {type(past).__name__}")
+
+
 def true_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of the runs of True in a 1-D bool ``mask``."""
     if not bool(mask.any()):
@@ -319,9 +375,16 @@ class DecoderRuntime:
         self.state = _State()
 
     # ------------------------------------------------------------------ installation
+    @property
+    def policies(self) -> list[Pruner]:
+        return [m for m in (self.sequence, self.kv) if m is not None]
+
     def install(self) -> None:
         handle, adapter = self.handle, self.adapter
         handle.runtime = self  # introspection (tests, benchmarks): slots, aux cache, depths
+        generate = getattr(adapter.model, "generate", None)
+        if generate is not None:
+            handle.set_attr(adapter.model, "generate", self.checked_generate(generate))
         handle.add_hook(adapter.inner_model().register_forward_pre_hook(self.on_pass, with_kwargs=True))
         for layer in sorted(self.query_rows):
             attn = adapter.decoder_layers[layer].self_attn
@@ -336,6 +399,16 @@ class DecoderRuntime:
             for index, layer in enumerate(adapter.decoder_layers):
                 handle.add_hook(layer.register_forward_hook(self.compress(index), with_kwargs=True))
 
+    def checked_generate(self, generate: Any) -> Any:
+        """``generate`` that first refuses the options the runtime cannot follow (:func:`check_generate_options`)."""
+
+        @functools.wraps(generate)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            check_generate_options(self.policies, kwargs, getattr(self.adapter.model, "generation_config", None))
+            return generate(*args, **kwargs)
+
+        return wrapper
+
     # ------------------------------------------------------------------ pass detection
     def on_pass(self, module: Any, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         past = kwargs.get("past_key_values")
@@ -343,6 +416,7 @@ class DecoderRuntime:
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         b, q = ref.shape[0], ref.shape[1]
         if past is not None:
+            _check_cache(past, self.policies)
             self._follow_beam_reorder(past)
         if past is None or past.get_seq_length() == 0:
             self.start_prefill(ids, ref, kwargs)
@@ -678,7 +752,9 @@ class DecoderRuntime:
             layer = cache.layers[index]
             b, n = valid.shape
             n_valid = valid.sum(1)
-            counts = torch.tensor([self.kv.num_kept(int(c)) for c in n_valid.tolist()], device=valid.device)
+            # Each row as if alone: a prompt no longer than the window is kept whole.
+            counts = torch.tensor([c if c <= self.kv.window else self.kv.num_kept(c) for c in n_valid.tolist()],
+                                  device=valid.device)
             kept = int(counts.max())
             w = min(self.kv.window, n)
             if not (n > self.kv.window and kept < n):

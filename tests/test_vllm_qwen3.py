@@ -33,7 +33,7 @@ TWO = "USER: <image><image>\nCompare the two pictures.\nASSISTANT:"
 WIDE, TALL = (128, 96), (96, 128)  # PIL (width, height): 3 x 4 and 4 x 3 merged tokens
 N = 12
 KEEP = 5
-ENGINE = dict(max_num_batched_tokens=16, max_model_len=512, limit_mm_per_prompt={"image": 2})
+ENGINE = dict(max_num_batched_tokens=16, max_model_len=512, limit_mm_per_prompt={"image": 2, "video": 1})
 QWEN3 = "Qwen3VLForConditionalGeneration"
 IMAGE_ID = 4
 
@@ -62,6 +62,20 @@ def run_alone(llm, request, max_tokens=4):
     return list(out.prompt_token_ids), recorded_positions(llm)
 
 
+def video_request(images):
+    """An image (pruned) and a video (never pruned) in one prompt. Qwen3-VL's video run holds
+    timestamp text and vision markers inside its placeholder range."""
+    import numpy as np
+
+    from tokenprune.fixtures import make_image
+
+    frames = np.stack([np.asarray(make_image(64, seed=5 + i).resize(WIDE)) for i in range(4)])
+    meta = {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "video_backend": "opencv",
+            "frames_indices": [0, 1, 2, 3], "do_sample_frames": False}
+    return {"prompt": "USER: <image> then <|video_pad|>\nWhat is in them?\nASSISTANT:",
+            "multi_modal_data": {"image": images["tall"], "video": (frames, meta)}}
+
+
 @pytest.fixture(scope="module")
 def baseline(vllm_env, tiny_qwen3_vl_path, images):  # noqa: F811
     with untouched_engine(tiny_qwen3_vl_path, **ENGINE) as llm:
@@ -70,6 +84,7 @@ def baseline(vllm_env, tiny_qwen3_vl_path, images):  # noqa: F811
             "registered": registered_target(QWEN3),
             "outputs": generate_records(llm, build_requests(images)),
             "alone": run_alone(llm, build_requests(images)[2]),
+            "video": run_alone(llm, video_request(images)),
         }
 
 
@@ -150,3 +165,17 @@ def test_vision_statistics_methods_are_refused_at_start():
     with pytest.raises(ValueError, match="HoloV needs cls_attention.*Qwen3VLForConditionalGeneration"):
         configured_method(config, QWEN3, QWEN3_PROVIDES)
     assert configured_method(SimpleNamespace(tokenprune={"method": "grid", "keep": 4}), QWEN3, QWEN3_PROVIDES).keep == 4
+
+
+def test_an_image_beside_a_video_is_pruned_and_every_other_position_is_kept(pruned, baseline, images):
+    """The video is not pruned: its tokens (and the text's) keep the untouched engine's positions,
+    the image drops N - K tokens, and decoding continues at the untouched positions."""
+    ref_ids, ref_steps = baseline["video"]
+    ids, steps = run_alone(pruned, video_request(images))
+    assert len(ids) == len(ref_ids) - (N - KEEP)
+    ref_prompt, got_prompt = torch.cat(ref_steps, dim=1)[:, : len(ref_ids)], torch.cat(steps, dim=1)[:, : len(ids)]
+    not_image = torch.tensor(ref_ids) != IMAGE_ID
+    assert torch.equal(torch.tensor(ids)[torch.tensor(ids) != IMAGE_ID], torch.tensor(ref_ids)[not_image])
+    assert torch.equal(got_prompt[:, torch.tensor(ids) != IMAGE_ID], ref_prompt[:, not_image])
+    for got, ref in zip(steps[-3:], ref_steps[-3:]):
+        assert got.shape == (3, 1) and torch.equal(got, ref)

@@ -391,8 +391,13 @@ class _QwenPruningModel:
             full = self._tokenprune_unpruned_length(feature)
             tokens += input_tokens[cursor : place.offset]
             keep += [True] * (place.offset - cursor)
-            features.append(dataclasses.replace(feature, mm_position=PlaceholderRange(offset=len(tokens), length=full)))
-            tokens += [input_tokens[place.offset]] * full
+            if full == place.length:  # not pruned (a video, or an image at keep-all): its run as it is,
+                # e.g. Qwen3-VL's timestamp text and vision markers inside a video's placeholder range
+                features.append(dataclasses.replace(feature, mm_position=dataclasses.replace(place, offset=len(tokens))))
+                tokens += input_tokens[place.offset : place.offset + place.length]
+            else:  # a pruned image: its run of image tokens expanded back to N
+                features.append(dataclasses.replace(feature, mm_position=PlaceholderRange(offset=len(tokens), length=full)))
+                tokens += [input_tokens[place.offset]] * full
             keep += [True] * place.length + [False] * (full - place.length)
             cursor = place.offset + place.length
         tokens += input_tokens[cursor:]

@@ -193,6 +193,23 @@ def config_env(vllm_env):  # noqa: F811
 
 
 @pytest.mark.vllm
+def test_enable_keeps_the_context_entry_and_disable_restores_only_what_it_changed(config_env):
+    user = '{"context": {"keep_ratio": 0.5}}'
+    os.environ[tpv.ENV_VAR] = user
+    tpv.register()
+    tpv.enable(tp.DivPrune(keep=8, impl="torch"))
+    enabled = os.environ[tpv.ENV_VAR]
+    assert parse_config(enabled) == tp.DivPrune(keep=8, impl="torch")
+    assert parse_context_config(enabled) == {"keep_ratio": 0.5}  # context pruning stays on
+    assert registered_target("LlavaForConditionalGeneration").endswith(":TokenpruneLlavaForConditionalGeneration")
+    tpv.disable()
+    assert os.environ[tpv.ENV_VAR] == user
+    assert registered_target("LlavaForConditionalGeneration") == VLLM_LLAVA
+    tpv.disable()  # nothing left to undo: the user's own setting stays
+    assert os.environ[tpv.ENV_VAR] == user
+
+
+@pytest.mark.vllm
 def test_register_is_idempotent_and_inert_without_configuration(config_env):
     tpv.register()
     tpv.register()

@@ -98,7 +98,7 @@ def method_stages(cls: type["Pruner"]) -> tuple[str, ...]:
     return tuple(c.stage for c in cls().components())
 
 
-def build(name: str, **kwargs: Any) -> "Pruner":
+def build(name: str, /, **kwargs: Any) -> "Pruner":
     """Build a registered method from its name, e.g. ``build("divprune", keep=64)``.
 
     Unknown keyword arguments raise ``TypeError`` naming the accepted ones.

@@ -70,9 +70,11 @@ PROVIDED_INPUTS = frozenset({"cls_attention", "grid", "keys", "flow_layers"})
 
 
 def _visual_methods() -> list[str]:
+    """Names of the visual methods vLLM can run (their ``requires`` within :data:`PROVIDED_INPUTS`)."""
     from tokenprune.methods.base import get_method_class
 
-    return [n for n in available_methods() if get_method_class(n).stage == "visual"]
+    return [n for n in available_methods() if get_method_class(n).stage == "visual"
+            and set(get_method_class(n).requires) <= PROVIDED_INPUTS]
 
 
 def _from_list(items: list, source: str) -> dict[str, Any]:

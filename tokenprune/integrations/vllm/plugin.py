@@ -18,11 +18,13 @@ This module imports vLLM only inside functions, and only when there is something
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, Optional
 
 from tokenprune.integrations.vllm.config import (
+    CONTEXT_KEY,
     ENV_VAR,
     HF_CONFIG_KEY,
     REQUEST_KEEP_KEY,
@@ -187,8 +189,9 @@ def _register(eager: bool) -> None:
 def enable(method: Pruner | dict[str, Any] | str) -> VisualPruner:
     """Prune visual tokens in every vLLM engine this process (and its children) starts.
 
-    Sets ``TOKENPRUNE_CONFIG`` and calls :func:`register` here, so ``LLM(...)`` created afterwards
-    serves pruned LLaVA. Returns the validated method. Undo with :func:`disable`.
+    Sets ``TOKENPRUNE_CONFIG`` (keeping a ``"context"`` entry already there) and calls
+    :func:`register` here, so ``LLM(...)`` created afterwards serves pruned LLaVA. Returns the
+    validated method. Undo with :func:`disable`.
 
     Raises:
         ValueError: the method is not one vLLM can run (see :func:`parse_config`).
@@ -205,7 +208,11 @@ def enable(method: Pruner | dict[str, Any] | str) -> VisualPruner:
             f"tokenprune: {problem}, so vLLM's engine processes would not load the plugin; install the "
             "package or set VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine in this process)"
         )
-    _enabled_previous.append(set_env_config(config_to_json(parsed)))
+    # Context pruning is configured in the environment only: keep an entry already there.
+    context = parse_context_config(env_config(), source=ENV_VAR)
+    value = config_to_json(parsed) if context is None else json.dumps({**parsed.to_config(), CONTEXT_KEY: context},
+                                                                       sort_keys=True)
+    _enabled_previous.append(set_env_config(value))
     try:
         _register(eager=True)
     except Exception:
@@ -215,9 +222,12 @@ def enable(method: Pruner | dict[str, Any] | str) -> VisualPruner:
 
 
 def disable() -> None:
-    """Undo :func:`enable`: restore ``TOKENPRUNE_CONFIG`` and the model registry. Engines that
-    already exist keep what they were built with."""
-    set_env_config(_enabled_previous.pop() if _enabled_previous else None)
+    """Undo the last :func:`enable`: restore ``TOKENPRUNE_CONFIG`` and the model registry. Engines
+    that already exist keep what they were built with. Without an :func:`enable` to undo it does
+    nothing (a ``TOKENPRUNE_CONFIG`` the user set stays)."""
+    if not _enabled_previous:
+        return
+    set_env_config(_enabled_previous.pop())
     _register(eager=True)
 
 

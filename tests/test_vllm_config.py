@@ -233,27 +233,29 @@ def test_bad_config_fails_at_engine_start_and_changes_nothing(config_env, tiny_l
     assert registered_target("LlavaForConditionalGeneration") == VLLM_LLAVA
 
 
-def _register_cls_test_method() -> str:
+@pytest.fixture
+def cls_test_method():
     """A method that needs the vision [CLS] attention (as HoloV/VisionZip do): keep the tokens
-    [CLS] attends to most."""
-    from tokenprune.methods.base import ScoredVisualPruner, available_methods, register
+    [CLS] attends to most. Registered for one test only (the registry-driven tests see every
+    registered method)."""
+    from tokenprune.methods import base
 
     name = "test_cls_topk"
-    if name not in available_methods():
 
-        @register(name)
-        @dataclass(frozen=True)
-        class ClsTopK(ScoredVisualPruner):
-            requires = frozenset({"cls_attention"})
+    @base.register(name)
+    @dataclass(frozen=True)
+    class ClsTopK(base.ScoredVisualPruner):
+        requires = frozenset({"cls_attention"})
 
-            def score(self, image):
-                return image.cls_attention
+        def score(self, image):
+            return image.cls_attention
 
-    return name
+    yield name
+    base._REGISTRY.pop(name, None)
 
 
 @pytest.mark.vllm
-def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
+def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path, cls_test_method):
     """No environment: ``hf_overrides`` selects the pruned class and the method for this engine
     (here one that needs [CLS] attention, computed in the worker); a bad value fails the start."""
     from vllm import SamplingParams
@@ -265,7 +267,7 @@ def test_hf_overrides_configure_one_engine(config_env, tiny_llava_path):
             tiny_llava_path,
             hf_overrides={"architectures": ["TokenpruneLlavaForConditionalGeneration"], "tokenprune": {"method": "divprune", "keep": 0}},
         )
-    method = {"method": _register_cls_test_method(), "keep": 4}
+    method = {"method": cls_test_method, "keep": 4}
     llm = make_llm(tiny_llava_path, hf_overrides=tpv.tokenprune_overrides(method))
     try:
         prompt = {"prompt": "USER: <image>\nDescribe it.\nASSISTANT:", "multi_modal_data": {"image": make_image(56)}}

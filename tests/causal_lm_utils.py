@@ -1,4 +1,4 @@
-"""Helpers shared by the text-pruning tests (LazyLLM, SnapKV) on tiny causal LMs."""
+"""Helpers shared by the decoder-pruning tests (FastV, ToDRE, LazyLLM, SnapKV, Knorm) on tiny models."""
 
 from __future__ import annotations
 
@@ -26,3 +26,25 @@ def left_padded(rows: list[torch.Tensor], pad_id: int = 3) -> tuple[torch.Tensor
         batch[i, length - ids.shape[1]:] = ids[0]
         mask[i, length - ids.shape[1]:] = 1
     return batch, mask
+
+
+def prefill_lengths(model, fn) -> list[int]:
+    """Tokens each decoder layer's attention runs on at prefill while ``fn`` runs (batch of one);
+    a pruned layer gathers its tokens inside its (wrapped) forward, so this hooks the attention."""
+    from tokenprune.integrations.hf.adapters import get_adapter
+
+    seen: dict[int, int] = {}
+    layers = get_adapter(model).decoder_layers
+
+    def hook(index):
+        def record(module, args, kwargs):
+            seen.setdefault(index, (args[0] if args else kwargs["hidden_states"]).shape[1])
+        return record
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(layers))]

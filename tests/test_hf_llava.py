@@ -10,6 +10,7 @@ import tokenprune as tp
 transformers = pytest.importorskip("transformers")
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
+from causal_lm_utils import prefill_lengths  # noqa: E402
 from tokenprune.fixtures import make_image  # noqa: E402
 
 QUESTIONS = ["What is in this image?", "Describe the colours of the picture in many words please"]
@@ -45,26 +46,6 @@ def greedy(model, inputs, n=6):
     out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          return_dict_in_generate=True, output_scores=True)
     return out.sequences, torch.stack(out.scores, dim=1)
-
-
-def prefill_lengths(model, fn):
-    """Sequence length each decoder layer's attention sees at prefill while ``fn`` runs."""
-    seen = {}
-    layers = model.model.language_model.layers
-
-    def hook(index):
-        def record(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            seen.setdefault(index, hidden.shape[1])
-        return record
-
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return [seen[i] for i in range(len(layers))]
 
 
 # ----------------------------------------------------------------------------- references

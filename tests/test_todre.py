@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
+from causal_lm_utils import prefill_lengths  # noqa: E402
 from tokenprune.fixtures import make_image  # noqa: E402
 from tokenprune.integrations.hf.adapters import get_adapter  # noqa: E402
 from tokenprune.methods.base import ImageTokens  # noqa: E402
@@ -100,26 +101,6 @@ def generate(model, inputs, n=4):
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
     return out.sequences, torch.stack(out.scores)
-
-
-def layer_lengths(model, fn) -> list[int]:
-    """Tokens each decoder layer runs on at prefill while ``fn`` runs (batch of one)."""
-    seen: dict[int, int] = {}
-    layers = get_adapter(model).decoder_layers
-
-    def hook(index):
-        def record(module, args, kwargs):
-            seen.setdefault(index, (args[0] if args else kwargs["hidden_states"]).shape[1])
-        return record
-
-    # on the attention: a pruned layer gathers its tokens inside its (wrapped) forward
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return [seen[i] for i in range(len(layers))]
 
 
 MODELS = ["llava", "next", "qwen"]
@@ -343,7 +324,7 @@ def test_token_counts_per_layer(paths, name):
     for threshold, dropped in ((0.0, False), (1.0, True)):
         method = tp.ToDRE(keep=5, layer=2, threshold=threshold, impl="torch")
         with tp.patch(model, method) as handle:
-            lengths = layer_lengths(model, lambda: generate(model, inputs, n=1))
+            lengths = prefill_lengths(model, lambda: generate(model, inputs, n=1))
         visual = [r for r in handle.stats.last() if r.kind == "visual"]
         kept_slots = length - n_image + sum(r.after for r in visual)  # NeXT: kept row newlines too
         text = length - n_image

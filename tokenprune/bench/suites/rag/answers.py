@@ -19,8 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["GENERATOR", "CHATML_DOC_TEMPLATE", "SYSTEM", "WORKED_EXAMPLE", "ANSWER_TOKENS", "FORMAT_TUNING_QUESTIONS", "messages_for",
-           "answer_words", "names", "is_correct", "render", "generate_answer", "Accuracy", "accuracy", "paired_difference"]
+__all__ = ["GENERATOR", "CHATML_DOC_TEMPLATE", "SYSTEM", "WORKED_EXAMPLE", "ANSWER_TOKENS", "FORMAT_TUNING_QUESTIONS",
+           "messages_for", "answer_words", "names", "is_correct", "render", "generate_answer", "Accuracy", "accuracy",
+           "paired_difference"]
 
 #: the real generator of this study (a key of tokenprune.real_weights.REAL_MODELS)
 GENERATOR = "smollm2-135m"

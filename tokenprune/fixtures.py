@@ -450,3 +450,5 @@ def build_tiny_causal_lm(path: str | os.PathLike, arch: str = "llama", seed: int
     torch.manual_seed(seed)
     model = model_cls(cfg).to(dtype).eval()
     return _save_checkpoint(path, model, build_tokenizer())
+
+from tokenprune.real_weights import load_real_lm, real_lm  # noqa: E402,F401  (real pretrained weights, issue 17)

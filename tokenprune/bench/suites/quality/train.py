@@ -186,6 +186,14 @@ class Conversations:
                 out[j] = torch.tensor([list(data.COLORS).index(o.color), data.SHAPES.index(o.shape), o.row - 1, o.col - 1])
         return out
 
+    def anchors(self, ids: list[int], sample: data.Sample, question: int, answer: int) -> list[int]:
+        """Positions of the anchors of ``sample``'s question, ``ids[question : answer]`` (a turn of
+        :meth:`encode`): one per object role (two for a relation, else one)."""
+        found = [p for p in range(question, answer - 2) if ids[p] in self.anchor_ids]
+        if len(found) != (2 if sample.qtype == "relation" else 1):
+            raise RuntimeError(f"expected one anchor per object role in {sample.question!r}, found {len(found)}")
+        return found
+
     def _single(self, text: str) -> int:
         ids = self._ids(text)
         if len(ids) != 1:
@@ -423,9 +431,20 @@ class AttentionProbe:
         k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # [B, heads, L, head_dim]
         order = torch.argsort(rows, stable=True)
         chunks = [torch.einsum("shd,hld->shl", q[order[rows[order] == r]], k[r]) for r in rows[order].unique_consecutive()]
-        logits = torch.cat(chunks)[torch.argsort(order)] * attn.scaling
+        logits = torch.cat(chunks)[torch.argsort(order)].float() * attn.scaling  # float32 softmax under bf16
         allowed = key_mask[rows].bool() & (torch.arange(length) <= positions[:, None])
         return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+
+    def target_loss(self, targets: list[tuple[int, int, int, torch.Tensor]], key_mask: torch.Tensor) -> torch.Tensor:
+        """Mean ``-log`` of the attention mass that each ``(row, position, head, key positions)`` of
+        ``targets`` puts on its key positions."""
+        rows, positions, heads, hits = zip(*targets)
+        weights = self.weights(torch.tensor(rows), torch.tensor(positions), key_mask)  # [S, heads, L]
+        wanted = torch.zeros(len(hits), weights.shape[-1], dtype=torch.bool)
+        for i, hit in enumerate(hits):
+            wanted[i, hit] = True
+        mass = (weights[torch.arange(len(heads)), torch.tensor(heads)].float() * wanted).sum(-1)
+        return -torch.log(mass + 1e-6).mean()
 
     def remove(self) -> None:
         self._hook.remove()
@@ -487,9 +506,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
             ids, lab, spans = conversations.encode(samples, len(kept))
             image_start = ids.index(conversations.image_token_id)
             for s, (question, answer) in zip(samples, spans):
-                anchors = [p for p in range(question, answer - 2) if ids[p] in conversations.anchor_ids]
-                if len(anchors) != (2 if s.qtype == "relation" else 1):
-                    raise RuntimeError(f"expected one anchor per object role in {s.question!r}, found {len(anchors)}")
+                anchors = conversations.anchors(ids, s, question, answer)
                 for k, anchor in enumerate(anchors):
                     targets["previous"].append((row, anchor, 0, torch.tensor([anchor - 1])))
                     if s.refs and s.qtype != "count":
@@ -524,13 +541,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         if attention_weight > 0:
             for key, probe in probes.items():
                 if targets[key]:
-                    rows_, positions, heads, hits = zip(*targets[key])
-                    weights = probe.weights(torch.tensor(rows_), torch.tensor(positions), mask)  # [S, heads, L]
-                    wanted = torch.zeros(len(hits), weights.shape[-1], dtype=torch.bool)
-                    for i, hit in enumerate(hits):
-                        wanted[i, hit] = True
-                    mass = (weights[torch.arange(len(heads)), torch.tensor(heads)] * wanted).sum(-1)
-                    aux_losses[key] = -torch.log(mass + 1e-6).mean()
+                    aux_losses[key] = probe.target_loss(targets[key], mask)
         loss = loss_lm + sum(v * (1 if k == "align" else attention_weight) for k, v in aux_losses.items())
         optimizer_step(opt, sched, params, loss)
         if step % log_every == 0 or step == steps:

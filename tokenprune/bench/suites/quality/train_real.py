@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from tokenprune.bench.suites.quality import data, real
-from tokenprune.bench.suites.quality.train import (NUM_IMAGE_TOKENS, Conversations, build_processor, cosine,
-                                                   image_pool, optimizer_step, pad_right, scene_features,
-                                                   train_vision)
+from tokenprune.bench.suites.quality.train import (NUM_IMAGE_TOKENS, AttentionProbe, Conversations,
+                                                   build_processor, cosine, image_pool, optimizer_step, pad_right,
+                                                   scene_features, train_vision)
 
 VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
               image_size=data.IMAGE_SIZE, patch_size=14, projection_dim=64)
@@ -155,21 +155,40 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
                    object_maps: torch.Tensor, params: list[torch.nn.Parameter], opt, sched, state: dict,
                    steps: int, batch: int, turns: int, prune_p: float, background: tuple[int, int],
                    align_weight: float, temperature: float, val: tuple, log: list, checkpoint, save_every: int,
-                   log_every: int, val_every: int, minutes: Optional[float]) -> None:
-    """Stage 3: projector + LoRA learn to answer; decoder frozen. Resumes at ``state["step"]``."""
+                   log_every: int, val_every: int, minutes: Optional[float], attention_weight: float = 0.0,
+                   retrieve_layer: int = 10) -> None:
+    """Stage 3: projector + LoRA learn to answer; decoder frozen. Resumes at ``state["step"]``.
+
+    ``attention_weight`` > 0 adds grounding supervision on two heads (0 and 1) of decoder layer
+    ``retrieve_layer``: each anchor of a question (:meth:`Conversations.anchors`: the token that ends
+    the mention of an object, e.g. the ``3`` of ``cell b3``) puts its attention on the patches of the
+    object it names (not for counts). The small harness needed such a target per hop to learn
+    routing at all (docs/quality.md); here only the retrieval hop is supervised, and the attention
+    of the answer-predicting position, which FastV scores with, never is.
+    """
     rng = random.Random()
     rng.setstate(state["rng"])
     embeddings = model.get_input_embeddings().weight
     groups = conversations.word_groups
+    probe = AttentionProbe(model.model.language_model.layers[retrieve_layer].self_attn) if attention_weight else None
     start, tokens = time.time(), 0
     for step in range(state["step"] + 1, steps + 1):
         pruned = rng.random() < prune_p
-        rows, labels, blocks, words = [], [], [], []
-        for _ in range(batch):
+        rows, labels, blocks, words, targets = [], [], [], [], []
+        for row in range(batch):
             index = rng.randrange(len(scenes))
             objects = object_maps[index].long()
             kept = image_block(objects, rng, rng.randint(*background) if pruned else None)
-            ids, lab, _ = conversations.encode(data.ask(scenes[index], rng, turns), len(kept))
+            samples = data.ask(scenes[index], rng, turns)
+            ids, lab, spans = conversations.encode(samples, len(kept))
+            image_start = ids.index(conversations.image_token_id)
+            for s, (question, answer) in zip(samples, spans):
+                anchors = conversations.anchors(ids, s, question, answer)
+                if s.refs and s.qtype != "count":
+                    for k, anchor in enumerate(anchors):
+                        hit = image_start + torch.isin(objects[kept], torch.tensor(s.refs[k])).nonzero().flatten()
+                        if len(hit):
+                            targets += [(row, anchor, head, hit) for head in (0, 1)]
             rows.append(ids)
             labels.append(lab)
             blocks.append(features[index, kept].float())
@@ -178,13 +197,14 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         logits, targets = answer_logits(model, embeds, mask, labels_t)
         loss_lm = F.cross_entropy(logits, targets)
         loss_align = alignment_loss(image_embeds, torch.cat(words), embeddings, groups, temperature)
-        optimizer_step(opt, sched, params, loss_lm + align_weight * loss_align)
+        loss_attention = probe.target_loss(targets, mask) if probe is not None and targets else loss_lm.new_zeros(())
+        optimizer_step(opt, sched, params, loss_lm + align_weight * loss_align + attention_weight * loss_attention)
         tokens += int(mask.sum())
         state["step"] = step
         elapsed = time.time() - start
         if step % log_every == 0 or step == steps:
             entry = {"stage": "language", "step": step, "loss": round(loss_lm.item(), 4),
-                     "align": round(loss_align.item(), 4), "pruned": pruned, "lr": round(sched.get_last_lr()[0], 6),
+                     "align": round(loss_align.item(), 4), "attention": round(loss_attention.item(), 4), "pruned": pruned, "lr": round(sched.get_last_lr()[0], 6),
                      "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(state["seconds"] + elapsed, 1)}
             if val_every and (step % val_every == 0 or step == steps):
                 entry["val"] = val_accuracy(model, conversations, *val)
@@ -197,6 +217,8 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         if stop:
             print(f"stopping at step {step}: {minutes} min budget reached", flush=True)
             break
+    if probe is not None:
+        probe.remove()
     state["seconds"] += time.time() - start
 
 
@@ -220,7 +242,8 @@ def train(out: Path, work: Path, seed: int = 0, vision_steps: int = 1200, vision
           align_weight: float = 1.0, temperature: float = 0.1, lora_rank: int = 8, lora_scale: float = 2.0,
           lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), val_n: int = 64,
           val_background: int = 32, save_every: int = 25, log_every: int = 5, val_every: int = 50,
-          minutes: Optional[float] = None, threads: int = 1) -> dict:
+          minutes: Optional[float] = None, attention_weight: float = 0.5, retrieve_layer: int = 10,
+          threads: int = 1) -> dict:
     """All three stages (each skipped when its file in ``work`` exists); writes the adapter to ``out``."""
     torch.set_num_threads(threads)
     random.seed(seed)
@@ -307,13 +330,14 @@ def train(out: Path, work: Path, seed: int = 0, vision_steps: int = 1200, vision
     model.train()
     train_language(model, conversations, scenes, features, objects, params, opt, sched, state, steps, batch, turns,
                    prune_p, background, align_weight, temperature, val, log, checkpoint, save_every, log_every,
-                   val_every, minutes)
+                   val_every, minutes, attention_weight, retrieve_layer)
     model.eval()
     meta = {
         "decoder": real.DECODERS["smollm2"], "seed": seed,
         "vision": {"steps": vision_steps, "batch": vision_batch, "lr": vision_lr, "object_shape": object_shape},
         "pool": pool, "steps": steps, "steps_done": state["step"], "batch": batch, "turns": turns, "lr": lr,
         "prune_p": prune_p, "background": list(background), "align_weight": align_weight,
+        "attention_weight": attention_weight, "retrieve_layer": retrieve_layer,
         "temperature": temperature, "lora": {"rank": lora_rank, "scale": lora_scale, "targets": list(lora_targets)},
         "align_steps": align_steps,
         "threads": threads, "seconds": {"vision": round(t_vision, 1), "pool": round(t_pool, 1), "align": round(t_align, 1),
@@ -344,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune-p", type=float, default=0.9)
     parser.add_argument("--background", type=int, nargs=2, default=[8, 64])
     parser.add_argument("--align-weight", type=float, default=1.0)
+    parser.add_argument("--attention-weight", type=float, default=0.5,
+                        help="weight of the grounding supervision (anchor -> named object's patches; 0 = answers only)")
+    parser.add_argument("--retrieve-layer", type=int, default=10, help="decoder layer whose heads 0-1 are grounded")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-scale", type=float, default=2.0)
     parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -359,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                  pool=args.pool, align_steps=args.align_steps, steps=args.steps, batch=args.batch, turns=args.turns, lr=args.lr, prune_p=args.prune_p,
                  background=tuple(args.background), align_weight=args.align_weight, lora_rank=args.lora_rank,
                  lora_scale=args.lora_scale, lora_targets=tuple(args.lora_targets), val_n=args.val_n,
-                 val_every=args.val_every, log_every=args.log_every, save_every=args.save_every, minutes=args.minutes, threads=args.threads)
+                 attention_weight=args.attention_weight, retrieve_layer=args.retrieve_layer, val_every=args.val_every, log_every=args.log_every, save_every=args.save_every, minutes=args.minutes, threads=args.threads)
     print(f"saved to {args.out} after {meta['steps_done']} language steps")
 
 

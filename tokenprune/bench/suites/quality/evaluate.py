@@ -159,7 +159,9 @@ def answer(model, processor, batches: list[dict[str, torch.Tensor]], method=None
 
 def score(samples: list[data.Sample], preds: list[str], reference: Optional[list[str]] = None) -> dict[str, Any]:
     correct = [p == s.answer for s, p in zip(samples, preds)]
-    row: dict[str, Any] = {"accuracy": sum(correct) / len(samples)}
+    # Per question, in test-split order ("+" right, "." wrong; not digits, which CSV readers turn into
+    # numbers): lets versus_random pair two configurations.
+    row: dict[str, Any] = {"accuracy": sum(correct) / len(samples), "correct": "".join(".+"[c] for c in correct)}
     if reference is not None:
         row["agreement"] = sum(p == r for p, r in zip(preds, reference)) / len(samples)
     for qtype in data.QUESTION_TYPES:
@@ -260,21 +262,36 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def versus_random(rows: list[dict[str, Any]]) -> str:
     """Each method against the random baseline at the same keep: the accuracy difference and whether
-    it exceeds two standard errors of a difference of two independent proportions on ``n`` questions
-    (a conservative test: both run on the same questions)."""
+    it exceeds two standard errors.
+
+    When both rows carry per-question outcomes (``correct``), the standard error is that of the
+    **paired** difference on the same ``n`` questions (``sd(d_i) / sqrt(n)``, ``d_i`` = method right
+    minus random right: the Wald form of McNemar's test), which is what the design allows and much
+    tighter when the two agree on most questions; rows without it (older result files) fall back to
+    the conservative difference of two independent proportions."""
     lines = [f"{'method':<14}{'keep':>6}{'acc':>8}{'random':>8}{'diff':>8}  verdict"]
     randoms = {r["keep"]: r for r in rows[1:] if r["label"] == "random"}
     for r in rows[1:]:
         ref = randoms.get(r["keep"])
         if r["label"] == "random" or ref is None:
             continue
-        n = r["n"]
-        p, q = r["accuracy"], ref["accuracy"]
-        se = ((p * (1 - p) + q * (1 - q)) / n) ** 0.5
-        diff = p - q
+        diff, se, kind = difference(r, ref)
         verdict = "beats random" if diff > 2 * se else ("worse than random" if diff < -2 * se else "within noise of random")
-        lines.append(f"{r['label']:<14}{r['keep']:>6}{p:>8.3f}{q:>8.3f}{diff:>+8.3f}  {verdict} (2 SE = {2 * se:.3f})")
+        lines.append(f"{r['label']:<14}{r['keep']:>6}{r['accuracy']:>8.3f}{ref['accuracy']:>8.3f}{diff:>+8.3f}  "
+                     f"{verdict} ({kind} 2 SE = {2 * se:.3f})")
     return "\n".join(lines)
+
+
+def difference(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float, str]:
+    """``(accuracy difference, its standard error, "paired" | "unpaired")`` of ``row`` minus ``ref``."""
+    n = row["n"]
+    if row.get("correct") and ref.get("correct") and len(row["correct"]) == len(ref["correct"]) == n:
+        d = [(a == "+") - (b == "+") for a, b in zip(row["correct"], ref["correct"])]
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+        return mean, (var / n) ** 0.5, "paired"
+    p, q = row["accuracy"], ref["accuracy"]
+    return p - q, ((p * (1 - p) + q * (1 - q)) / n) ** 0.5, "unpaired"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

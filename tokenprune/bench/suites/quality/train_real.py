@@ -174,7 +174,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
     start, tokens = time.time(), 0
     for step in range(state["step"] + 1, steps + 1):
         pruned = rng.random() < prune_p
-        rows, labels, blocks, words, targets = [], [], [], [], []
+        rows, labels, blocks, words, grounding = [], [], [], [], []
         for row in range(batch):
             index = rng.randrange(len(scenes))
             objects = object_maps[index].long()
@@ -188,7 +188,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
                     for k, anchor in enumerate(anchors):
                         hit = image_start + torch.isin(objects[kept], torch.tensor(s.refs[k])).nonzero().flatten()
                         if len(hit):
-                            targets += [(row, anchor, head, hit) for head in (0, 1)]
+                            grounding += [(row, anchor, head, hit) for head in (0, 1)]
             rows.append(ids)
             labels.append(lab)
             blocks.append(features[index, kept].float())
@@ -197,7 +197,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         logits, targets = answer_logits(model, embeds, mask, labels_t)
         loss_lm = F.cross_entropy(logits, targets)
         loss_align = alignment_loss(image_embeds, torch.cat(words), embeddings, groups, temperature)
-        loss_attention = probe.target_loss(targets, mask) if probe is not None and targets else loss_lm.new_zeros(())
+        loss_attention = probe.target_loss(grounding, mask) if probe is not None and grounding else loss_lm.new_zeros(())
         optimizer_step(opt, sched, params, loss_lm + align_weight * loss_align + attention_weight * loss_attention)
         tokens += int(mask.sum())
         state["step"] = step

@@ -176,3 +176,19 @@ def test_versus_random_pairs_the_questions_when_outcomes_are_recorded():
     assert kind == "unpaired" and se == pytest.approx(((0.6 * 0.4 + 0.5 * 0.5) / n) ** 0.5)
     assert "beats random (paired 2 SE" in evaluate.versus_random([{"label": "none"}, ref, method])
     assert "within noise of random (unpaired" in evaluate.versus_random([{"label": "none"}, ref, {**method, "correct": None}])
+
+
+def test_evaluate_resumes_from_finished_configurations(tmp_path, monkeypatch):
+    """Finished configurations (answers included) are appended to the resume file and not rerun."""
+    resume = tmp_path / "rows.jsonl"
+    kwargs = dict(n=8, keeps=(64,), only=["divprune", "random"], progress=False, resume=resume)
+    first = evaluate.evaluate(MODEL_DIR, **kwargs)
+    assert [r["label"] for r in first] == ["none", "divprune", "random"] and len(resume.read_text().splitlines()) == 3
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished configuration ran again")
+
+    monkeypatch.setattr(evaluate, "answer", fail)
+    again = evaluate.evaluate(MODEL_DIR, **kwargs)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in first]

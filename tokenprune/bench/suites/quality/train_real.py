@@ -156,25 +156,37 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
                    steps: int, batch: int, turns: int, prune_p: float, background: tuple[int, int],
                    align_weight: float, temperature: float, val: tuple, log: list, checkpoint, save_every: int,
                    log_every: int, val_every: int, minutes: Optional[float], attention_weight: float = 0.0,
-                   retrieve_layer: int = 10) -> None:
+                   retrieve_layer: int = 10, read_layer: int = 14, content_weight: float = 0.0) -> None:
     """Stage 3: projector + LoRA learn to answer; decoder frozen. Resumes at ``state["step"]``.
 
-    ``attention_weight`` > 0 adds grounding supervision on two heads (0 and 1) of decoder layer
-    ``retrieve_layer``: each anchor of a question (:meth:`Conversations.anchors`: the token that ends
-    the mention of an object, e.g. the ``3`` of ``cell b3``) puts its attention on the patches of the
-    object it names (not for counts). The small harness needed such a target per hop to learn
-    routing at all (docs/quality.md); here only the retrieval hop is supervised, and the attention
-    of the answer-predicting position, which FastV scores with, never is.
+    Trained on the answers alone, the frozen decoder with LoRA stayed at the language prior (colour
+    questions at chance after 200 steps, docs/quality.md), as the small harness did; what the small
+    harness needed was a target per hop of the routing circuit, and so does this one:
+
+    * ``attention_weight`` > 0 — *retrieve*: heads 0 and 1 of layer ``retrieve_layer`` at each anchor
+      of a question (:meth:`Conversations.anchors`: the token that ends the mention of an object,
+      e.g. the ``3`` of ``cell b3``) attend to the patches of the object it names (not for counts);
+      *read*: heads 0 and 1 of layer ``read_layer`` at the answer-predicting position attend to the
+      first and the last anchor. The answer position's attention to image tokens, which FastV scores
+      with, is never supervised.
+    * ``content_weight`` > 0 — the anchor's hidden state after ``retrieve_layer``, read through the
+      decoder's final norm and tied embeddings (the logit lens), names the colour and the shape of
+      the object it retrieved: the retrieval heads must copy what they attend to.
     """
     rng = random.Random()
     rng.setstate(state["rng"])
+    decoder = model.model.language_model
     embeddings = model.get_input_embeddings().weight
     groups = conversations.word_groups
-    probe = AttentionProbe(model.model.language_model.layers[retrieve_layer].self_attn) if attention_weight else None
+    probes = {}
+    if attention_weight:
+        probes = {"retrieve": AttentionProbe(decoder.layers[retrieve_layer].self_attn),
+                  "read": AttentionProbe(decoder.layers[read_layer].self_attn)}
     start, tokens = time.time(), 0
     for step in range(state["step"] + 1, steps + 1):
         pruned = rng.random() < prune_p
-        rows, labels, blocks, words, grounding = [], [], [], [], []
+        rows, labels, blocks, words = [], [], [], []
+        targets: dict[str, list] = {"retrieve": [], "read": [], "content": []}
         for row in range(batch):
             index = rng.randrange(len(scenes))
             objects = object_maps[index].long()
@@ -188,24 +200,40 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
                     for k, anchor in enumerate(anchors):
                         hit = image_start + torch.isin(objects[kept], torch.tensor(s.refs[k])).nonzero().flatten()
                         if len(hit):
-                            grounding += [(row, anchor, head, hit) for head in (0, 1)]
+                            targets["retrieve"] += [(row, anchor, head, hit) for head in (0, 1)]
+                            o = scenes[index].objects[s.refs[k][0]]
+                            targets["content"].append((row, anchor, list(data.COLORS).index(o.color),
+                                                       data.SHAPES.index(o.shape)))
+                targets["read"] += [(row, answer - 1, 0, torch.tensor(anchors[:1])),
+                                    (row, answer - 1, 1, torch.tensor(anchors[-1:]))]
             rows.append(ids)
             labels.append(lab)
             blocks.append(features[index, kept].float())
             words.append(conversations.patch_words(scenes[index], objects[kept]))
         embeds, mask, labels_t, image_embeds = embed_batch(model, conversations, blocks, rows, labels)
-        logits, targets = answer_logits(model, embeds, mask, labels_t)
-        loss_lm = F.cross_entropy(logits, targets)
-        loss_align = alignment_loss(image_embeds, torch.cat(words), embeddings, groups, temperature)
-        loss_attention = probe.target_loss(grounding, mask) if probe is not None and grounding else loss_lm.new_zeros(())
-        optimizer_step(opt, sched, params, loss_lm + align_weight * loss_align + attention_weight * loss_attention)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=content_weight > 0)
+        answered = labels_t[:, 1:] != -100
+        loss_lm = F.cross_entropy(model.lm_head(out.last_hidden_state[:, :-1][answered]).float(), labels_t[:, 1:][answered])
+        losses = {"align": alignment_loss(image_embeds, torch.cat(words), embeddings, groups, temperature)}
+        weights = {"align": align_weight, "retrieve": attention_weight, "read": attention_weight,
+                   "content": content_weight}
+        for key, probe in probes.items():
+            if targets[key]:
+                losses[key] = probe.target_loss(targets[key], mask)
+        if content_weight and targets["content"]:
+            r, pos, color, shape = (torch.tensor(x) for x in zip(*targets["content"]))
+            lens = decoder.norm(out.hidden_states[retrieve_layer + 1][r, pos]).float()
+            losses["content"] = (F.cross_entropy(lens @ embeddings[groups[0]].float().T, color)
+                                 + F.cross_entropy(lens @ embeddings[groups[1]].float().T, shape)) / 2
+        optimizer_step(opt, sched, params, loss_lm + sum(weights[k] * v for k, v in losses.items()))
         tokens += int(mask.sum())
         state["step"] = step
         elapsed = time.time() - start
         if step % log_every == 0 or step == steps:
             entry = {"stage": "language", "step": step, "loss": round(loss_lm.item(), 4),
-                     "align": round(loss_align.item(), 4), "attention": round(loss_attention.item(), 4), "pruned": pruned, "lr": round(sched.get_last_lr()[0], 6),
-                     "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(state["seconds"] + elapsed, 1)}
+                     **{k: round(v.item(), 4) for k, v in losses.items()}, "pruned": pruned,
+                     "lr": round(sched.get_last_lr()[0], 6), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+                     "elapsed_s": round(state["seconds"] + elapsed, 1)}
             if val_every and (step % val_every == 0 or step == steps):
                 entry["val"] = val_accuracy(model, conversations, *val)
             log.append(entry)
@@ -217,7 +245,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         if stop:
             print(f"stopping at step {step}: {minutes} min budget reached", flush=True)
             break
-    if probe is not None:
+    for probe in probes.values():
         probe.remove()
     state["seconds"] += time.time() - start
 
@@ -243,7 +271,7 @@ def train(out: Path, work: Path, seed: int = 0, vision_steps: int = 1200, vision
           lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), val_n: int = 64,
           val_background: int = 32, save_every: int = 25, log_every: int = 5, val_every: int = 50,
           minutes: Optional[float] = None, attention_weight: float = 0.5, retrieve_layer: int = 10,
-          threads: int = 1) -> dict:
+          read_layer: int = 14, content_weight: float = 0.5, threads: int = 1) -> dict:
     """All three stages (each skipped when its file in ``work`` exists); writes the adapter to ``out``."""
     torch.set_num_threads(threads)
     random.seed(seed)
@@ -306,7 +334,7 @@ def train(out: Path, work: Path, seed: int = 0, vision_steps: int = 1200, vision
         torch.save({"projector": projector.state_dict(), "log": log[before:], "seconds": t_align}, align_file)
     params = list(projector.parameters()) + lora
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps, max(1, steps // 20)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(max(1, steps), max(1, steps // 20)))
     state = {"step": 0, "seconds": 0.0, "rng": random.Random(f"language/{seed}").getstate()}
     language_file = work / "language.pt"
     if language_file.exists():
@@ -330,14 +358,15 @@ def train(out: Path, work: Path, seed: int = 0, vision_steps: int = 1200, vision
     model.train()
     train_language(model, conversations, scenes, features, objects, params, opt, sched, state, steps, batch, turns,
                    prune_p, background, align_weight, temperature, val, log, checkpoint, save_every, log_every,
-                   val_every, minutes, attention_weight, retrieve_layer)
+                   val_every, minutes, attention_weight, retrieve_layer, read_layer, content_weight)
     model.eval()
     meta = {
         "decoder": real.DECODERS["smollm2"], "seed": seed,
         "vision": {"steps": vision_steps, "batch": vision_batch, "lr": vision_lr, "object_shape": object_shape},
         "pool": pool, "steps": steps, "steps_done": state["step"], "batch": batch, "turns": turns, "lr": lr,
         "prune_p": prune_p, "background": list(background), "align_weight": align_weight,
-        "attention_weight": attention_weight, "retrieve_layer": retrieve_layer,
+        "attention_weight": attention_weight, "retrieve_layer": retrieve_layer, "read_layer": read_layer,
+        "content_weight": content_weight,
         "temperature": temperature, "lora": {"rank": lora_rank, "scale": lora_scale, "targets": list(lora_targets)},
         "align_steps": align_steps,
         "threads": threads, "seconds": {"vision": round(t_vision, 1), "pool": round(t_pool, 1), "align": round(t_align, 1),
@@ -371,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-weight", type=float, default=0.5,
                         help="weight of the grounding supervision (anchor -> named object's patches; 0 = answers only)")
     parser.add_argument("--retrieve-layer", type=int, default=10, help="decoder layer whose heads 0-1 are grounded")
+    parser.add_argument("--read-layer", type=int, default=14, help="decoder layer whose heads 0-1 read the anchors")
+    parser.add_argument("--content-weight", type=float, default=0.5,
+                        help="weight of the logit-lens target at the anchors after the retrieve layer")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-scale", type=float, default=2.0)
     parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -386,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
                  pool=args.pool, align_steps=args.align_steps, steps=args.steps, batch=args.batch, turns=args.turns, lr=args.lr, prune_p=args.prune_p,
                  background=tuple(args.background), align_weight=args.align_weight, lora_rank=args.lora_rank,
                  lora_scale=args.lora_scale, lora_targets=tuple(args.lora_targets), val_n=args.val_n,
-                 attention_weight=args.attention_weight, retrieve_layer=args.retrieve_layer, val_every=args.val_every, log_every=args.log_every, save_every=args.save_every, minutes=args.minutes, threads=args.threads)
+                 attention_weight=args.attention_weight, retrieve_layer=args.retrieve_layer,
+                 read_layer=args.read_layer, content_weight=args.content_weight, val_every=args.val_every, log_every=args.log_every, save_every=args.save_every, minutes=args.minutes, threads=args.threads)
     print(f"saved to {args.out} after {meta['steps_done']} language steps")
 
 

@@ -194,6 +194,10 @@ class Conversations:
             raise RuntimeError(f"expected one anchor per object role in {sample.question!r}, found {len(found)}")
         return found
 
+    def answer_token(self, answer: str) -> int:
+        """The token of ``answer`` that names it (the last of `` 3`` when digits split off a space)."""
+        return self._ids(" " + answer)[-1]
+
     def _single(self, text: str) -> int:
         ids = self._ids(text)
         if len(ids) != 1:

@@ -171,13 +171,16 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
       with, is never supervised.
     * ``content_weight`` > 0 — the anchor's hidden state after ``retrieve_layer``, read through the
       decoder's final norm and tied embeddings (the logit lens), names the colour and the shape of
-      the object it retrieved: the retrieval heads must copy what they attend to.
+      the object it retrieved (the retrieval heads must copy what they attend to), and the answer
+      position's hidden state after ``read_layer`` names the answer among :data:`data.ANSWERS` (the
+      read heads must copy it on; the layers above only have to keep it).
     """
     rng = random.Random()
     rng.setstate(state["rng"])
     decoder = model.model.language_model
     embeddings = model.get_input_embeddings().weight
     groups = conversations.word_groups
+    answer_words = torch.tensor([conversations.answer_token(a) for a in data.ANSWERS])
     probes = {}
     if attention_weight:
         probes = {"retrieve": AttentionProbe(decoder.layers[retrieve_layer].self_attn),
@@ -186,7 +189,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
     for step in range(state["step"] + 1, steps + 1):
         pruned = rng.random() < prune_p
         rows, labels, blocks, words = [], [], [], []
-        targets: dict[str, list] = {"retrieve": [], "read": [], "content": []}
+        targets: dict[str, list] = {"retrieve": [], "read": [], "content": [], "answer": []}
         for row in range(batch):
             index = rng.randrange(len(scenes))
             objects = object_maps[index].long()
@@ -206,6 +209,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
                                                        data.SHAPES.index(o.shape)))
                 targets["read"] += [(row, answer - 1, 0, torch.tensor(anchors[:1])),
                                     (row, answer - 1, 1, torch.tensor(anchors[-1:]))]
+                targets["answer"].append((row, answer - 1, data.ANSWERS.index(s.answer)))
             rows.append(ids)
             labels.append(lab)
             blocks.append(features[index, kept].float())
@@ -216,7 +220,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         loss_lm = F.cross_entropy(model.lm_head(out.last_hidden_state[:, :-1][answered]).float(), labels_t[:, 1:][answered])
         losses = {"align": alignment_loss(image_embeds, torch.cat(words), embeddings, groups, temperature)}
         weights = {"align": align_weight, "retrieve": attention_weight, "read": attention_weight,
-                   "content": content_weight}
+                   "content": content_weight, "answer": content_weight}
         for key, probe in probes.items():
             if targets[key]:
                 losses[key] = probe.target_loss(targets[key], mask)
@@ -225,6 +229,10 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
             lens = decoder.norm(out.hidden_states[retrieve_layer + 1][r, pos]).float()
             losses["content"] = (F.cross_entropy(lens @ embeddings[groups[0]].float().T, color)
                                  + F.cross_entropy(lens @ embeddings[groups[1]].float().T, shape)) / 2
+        if content_weight and targets["answer"]:
+            r, pos, word = (torch.tensor(x) for x in zip(*targets["answer"]))
+            lens = decoder.norm(out.hidden_states[read_layer + 1][r, pos]).float()
+            losses["answer"] = F.cross_entropy(lens @ embeddings[answer_words].float().T, word)
         optimizer_step(opt, sched, params, loss_lm + sum(weights[k] * v for k, v in losses.items()))
         tokens += int(mask.sum())
         state["step"] = step

@@ -64,3 +64,18 @@ rag-calibration: $(VENV)/.installed
 
 rag-real: real-weights
 	$(PY) -m tokenprune.bench.suites.rag.qa --first 40 --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3
+
+# Quality harness with a real decoder (docs/quality.md, "Real decoder"): SmolLM2-135M (make real-weights) behind
+# the harness's trained tower, projector and LoRA adapter (package data, a few MB). quality-real-model retrains the
+# adapter (hours of CPU; resumable from QUALITY_REAL_WORK), quality-real evaluates every method on it.
+QUALITY_REAL_MODEL ?= tokenprune/bench/suites/quality/model_smollm2
+QUALITY_REAL_WORK ?= .cache/quality-smollm2
+QUALITY_REAL_N ?= 300
+.PHONY: quality-real-model quality-real
+quality-real-model: real-weights
+	$(PY) -m tokenprune.bench.suites.quality.train_real --work $(QUALITY_REAL_WORK) --out $(QUALITY_REAL_MODEL)
+
+quality-real: real-weights
+	$(PY) -m tokenprune.bench.suites.quality.evaluate --decoder smollm2 --model $(QUALITY_REAL_MODEL) --n $(QUALITY_REAL_N) \
+		--json benchmarks/results/quality_smollm2.json --csv benchmarks/results/quality_smollm2.csv \
+		--plot benchmarks/results/quality_smollm2.png

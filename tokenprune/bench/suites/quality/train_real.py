@@ -24,7 +24,9 @@ nothing; a rerun reuses finished stages and resumes the last from its checkpoint
 The result is an adapter directory (:func:`real.save_adapter`; a few MB, no decoder weights)::
 
     python -m tokenprune.bench.suites.quality.train_real --work .cache/quality-smollm2 \\
-        --out tokenprune/bench/suites/quality/model_smollm2 --minutes 60
+        --out tokenprune/bench/suites/quality/model_smollm2 --force
+
+(``--force``: the default ``--out`` holds the shipped adapter; without it a non-empty ``--out`` is refused.)
 """
 
 from __future__ import annotations
@@ -222,8 +224,8 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint holds LoRA factors the model does not have: {sorted(lora)[:4]}")
 
 
-def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1500, vision_batch: int = 16,
-          vision_lr: float = 2e-3, pool: int = 6000, align_steps: int = 400, steps: int = 3000, batch: int = 8,
+def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1000, vision_batch: int = 16,
+          vision_lr: float = 2e-3, pool: int = 4000, align_steps: int = 400, steps: int = 1100, batch: int = 8,
           turns: int = 6, lr: float = 1e-3, describe_p: float = 0.25, lora_rank: int = 16, lora_scale: float = 2.0,
           val_n: int = 192, val_every: int = 100, save_every: int = 50, log_every: int = 10,
           minutes: Optional[float] = None, threads: int = 2, align_batch: int = 32,
@@ -325,13 +327,15 @@ def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1500, vision
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from tokenprune.bench import report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="stage files and the resumable checkpoint")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="adapter directory to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=1500)
-    parser.add_argument("--pool", type=int, default=6000, help="training scenes whose features are cached")
-    parser.add_argument("--steps", type=int, default=3000, help="language steps (the cosine schedule's length)")
+    parser.add_argument("--vision-steps", type=int, default=1000)
+    parser.add_argument("--pool", type=int, default=4000, help="training scenes whose features are cached")
+    parser.add_argument("--steps", type=int, default=1100, help="language steps (the cosine schedule's length)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6, help="questions per training conversation")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -341,7 +345,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--minutes", type=float, default=None, help="stop the language stage after this long")
     parser.add_argument("--threads", type=int, default=2)
+    report.add_force_argument(parser)
     args = parser.parse_args(argv)
+    # The default --out is the shipped adapter: replacing it (make quality-real-model) takes --force.
+    report.check_outputs_or_exit(parser, [("--out", args.out, "directory")], force=args.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train(args.work, args.out, seed=args.seed, vision_steps=args.vision_steps, pool=args.pool, steps=args.steps,
           batch=args.batch, turns=args.turns, lr=args.lr, describe_p=args.describe_p, lora_rank=args.lora_rank,

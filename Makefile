@@ -64,3 +64,19 @@ rag-calibration: $(VENV)/.installed
 
 rag-real: real-weights
 	$(PY) -m tokenprune.bench.suites.rag.qa --first 40 --n 60 --thresholds 0.3,0.575,0.75 --n-ttft 10 --reps 3
+
+# Quality harness with a real decoder (docs/quality.md, "Real decoder"): SmolLM2-135M (make real-weights) behind
+# the harness's trained tower, projector and LoRA adapter (package data, a few MB). quality-real-model retrains the
+# adapter (~1 h on 2 cores; a rerun resumes from QUALITY_REAL_WORK), quality-real evaluates every method on it
+# (~35 min on 2 cores). Both rewrite committed files on purpose, hence --force.
+QUALITY_REAL_MODEL ?= tokenprune/bench/suites/quality/model_smollm2
+QUALITY_REAL_WORK ?= .cache/quality-smollm2
+QUALITY_REAL_N ?= 400
+.PHONY: quality-real-model quality-real
+quality-real-model: real-weights
+	$(PY) -m tokenprune.bench.suites.quality.train_real --work $(QUALITY_REAL_WORK) --out $(QUALITY_REAL_MODEL) --force
+
+quality-real: real-weights
+	$(PY) -m tokenprune.bench.suites.quality.evaluate --decoder smollm2 --model $(QUALITY_REAL_MODEL) --n $(QUALITY_REAL_N) \
+		--threads 2 --json benchmarks/results/quality_smollm2.json --csv benchmarks/results/quality_smollm2.csv \
+		--plot benchmarks/results/quality_smollm2.png --force

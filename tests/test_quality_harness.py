@@ -161,3 +161,34 @@ def test_a_newly_registered_visual_method_is_evaluated(monkeypatch):
     assert sorted({(m.layer, m.keep) for label, m in configs if label.startswith("fastv")}) == [
         (1, 32), (1, 64), (2, 32), (2, 64)]  # layer 9 does not exist in a 4-layer decoder
     assert not any(label == "random" for label, _ in configs)  # not asked for
+
+
+def test_versus_random_pairs_the_questions_when_outcomes_are_recorded():
+    """Same n questions: the paired standard error (McNemar's Wald form) is used when both rows
+    record per-question outcomes; it flags a +0.10 difference that the unpaired test calls noise."""
+    n = 100
+    ref = {"label": "random", "keep": 64, "n": n, "accuracy": 0.5, "correct": "+" * 50 + "." * 50}
+    method = {"label": "m", "keep": 64, "n": n, "accuracy": 0.6, "correct": "+" * 60 + "." * 40}
+    diff, se, kind = evaluate.difference(method, ref)
+    # d_i = 1 on 10 questions, 0 on 90: sample variance 9 / 99
+    assert kind == "paired" and diff == pytest.approx(0.1) and se == pytest.approx((9 / 99 / n) ** 0.5)
+    diff, se, kind = evaluate.difference({**method, "correct": None}, ref)
+    assert kind == "unpaired" and se == pytest.approx(((0.6 * 0.4 + 0.5 * 0.5) / n) ** 0.5)
+    assert "beats random (paired 2 SE" in evaluate.versus_random([{"label": "none"}, ref, method])
+    assert "within noise of random (unpaired" in evaluate.versus_random([{"label": "none"}, ref, {**method, "correct": None}])
+
+
+def test_evaluate_resumes_from_finished_configurations(tmp_path, monkeypatch):
+    """Finished configurations (answers included) are appended to the resume file and not rerun."""
+    resume = tmp_path / "rows.jsonl"
+    kwargs = dict(n=8, keeps=(64,), only=["divprune", "random"], progress=False, resume=resume)
+    first = evaluate.evaluate(MODEL_DIR, **kwargs)
+    assert [r["label"] for r in first] == ["none", "divprune", "random"] and len(resume.read_text().splitlines()) == 3
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished configuration ran again")
+
+    monkeypatch.setattr(evaluate, "answer", fail)
+    again = evaluate.evaluate(MODEL_DIR, **kwargs)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in first]

@@ -206,11 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--markdown", metavar="PATH", help="write the tables as GitHub markdown (for READMEs)")
     _add_output_arguments(rep)
     q = sub.add_parser("quality", help="answer accuracy of visual methods on the quality harness's trained LLaVA")
-    q.add_argument("--model", default=None, help="quality-harness checkpoint directory (default: the shipped one)")
+    q.add_argument("--decoder", choices=["tiny", "smollm2"], default="tiny",
+                   help="tiny: the shipped 4-layer harness model; smollm2: SmolLM2-135M (needs tokenprune[real])")
+    q.add_argument("--model", default=None, help="quality-harness checkpoint or adapter directory (default: the decoder's shipped one)")
     q.add_argument("--methods", default=None,
                    help="comma-separated method names (default: every visual/in-LLM method; random is always added)")
-    q.add_argument("--keep", default="192,128,64,32", help="visual tokens kept, comma-separated (default: %(default)s)")
-    q.add_argument("--layers", default="1,2,3", help="layers of FastV-like methods (default: %(default)s)")
+    q.add_argument("--keep", default=None,
+                   help="visual tokens kept, comma-separated (default: tiny 192,128,64,32; smollm2 48,32,16,8)")
+    q.add_argument("--layers", default=None, help="layers of FastV-like methods (default: tiny 1,2,3; smollm2 2,8,16)")
     q.add_argument("--samples", type=_positive("--samples"), default=600, help="test questions (default: %(default)s)")
     q.add_argument("--seed", type=int, default=0, help="seed of the test split")
     q.add_argument("--batch-size", type=_positive("--batch-size"), default=16)
@@ -320,13 +323,15 @@ def _quality(args: argparse.Namespace) -> None:
     from tokenprune.bench.suites.quality.evaluate import run as run_quality
 
     _check_outputs(args)
-    keeps, layers = _int_list("--keep", args.keep), _int_list("--layers", args.layers)
+    keeps = None if args.keep is None else _int_list("--keep", args.keep)
+    layers = None if args.layers is None else _int_list("--layers", args.layers)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     threads = torch.get_num_threads()
     torch.set_num_threads(_resolve_threads(args.threads))
     try:
-        rows = run_quality(args.model, methods, keeps, layers, args.samples, args.seed, args.batch_size)
-        parameters = {k: getattr(args, k) for k in ("model", "methods", "samples", "seed", "batch_size", "threads")}
+        rows = run_quality(args.model, methods, keeps, layers, args.samples, args.seed, args.batch_size, args.decoder)
+        parameters = {k: getattr(args, k) for k in ("decoder", "model", "methods", "samples", "seed", "batch_size",
+                                                    "threads")}
         meta = {**report.environment("cpu"), "subcommand": "quality",
                 "parameters": {**parameters, "keep": keeps, "layers": layers}}
     finally:

@@ -88,7 +88,9 @@ def build_tokenizer():
     return fast
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, patch_size: int = 14):
+    """The harness's ``LlavaProcessor`` (336-px CLIP preprocessing; ``patch_size`` sets how many
+    ``<image>`` placeholders a prompt expands to: ``(336 / patch_size) ** 2``)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
@@ -100,7 +102,7 @@ def build_processor(tokenizer):
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=14,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
@@ -161,7 +163,8 @@ class Conversations:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         self._cache: dict[str, list[int]] = {}
         head, tail = data.PROMPT.split("<image>")
-        self._head = [tokenizer.bos_token_id] + self._ids(head)
+        # The tokenizer's own special tokens (a BOS for the harness tokenizer, none for SmolLM2's).
+        self._head = tokenizer(head).input_ids
         self._tail = tail
         # The token of a question that ends each mention of an object: a cell's column digit ("cell
         # b3"), a shape ("red circle"), a plural ("stars", "red shapes"). Training routes through them.
@@ -186,6 +189,14 @@ class Conversations:
                 o = scene.objects[obj]
                 out[j] = torch.tensor([list(data.COLORS).index(o.color), data.SHAPES.index(o.shape), o.row - 1, o.col - 1])
         return out
+
+    def anchors(self, ids: list[int], sample: data.Sample, question: int, answer: int) -> list[int]:
+        """Positions of the anchors of ``sample``'s question, ``ids[question : answer]`` (a turn of
+        :meth:`encode`): one per object role (two for a relation, else one)."""
+        found = [p for p in range(question, answer - 2) if ids[p] in self.anchor_ids]
+        if len(found) != (2 if sample.qtype == "relation" else 1):
+            raise RuntimeError(f"expected one anchor per object role in {sample.question!r}, found {len(found)}")
+        return found
 
     def _single(self, text: str) -> int:
         ids = self._ids(text)
@@ -229,15 +240,15 @@ class Conversations:
                 raise RuntimeError(f"training pixel normalisation differs from the processor's by {diff}")
 
 
-def dense_targets(scenes: list[data.Scene]) -> dict[str, torch.Tensor]:
-    """[B, 576] class targets per patch: object colour / shape (0 = background), grid row / column,
-    and whether the patch holds an object's centre."""
-    colors, shapes = zip(*(data.patch_labels(s) for s in scenes))
-    side = data.IMAGE_SIZE // 14
+def dense_targets(scenes: list[data.Scene], patch: int = 14) -> dict[str, torch.Tensor]:
+    """[B, (336 / patch) ** 2] class targets per patch: object colour / shape (0 = background), grid
+    row / column, and whether the patch holds an object's centre."""
+    colors, shapes = zip(*(data.patch_labels(s, patch) for s in scenes))
+    side = data.IMAGE_SIZE // patch
     cell = torch.arange(side) * data.GRID // side
     centre = torch.zeros(len(scenes), side * side, dtype=torch.long)
     for row, s in enumerate(scenes):
-        centre[row, torch.from_numpy(data.centre_patches(s))] = 1
+        centre[row, torch.from_numpy(data.centre_patches(s, patch))] = 1
     return {
         "color": torch.from_numpy(np.stack(colors)).long(),
         "shape": torch.from_numpy(np.stack(shapes)).long(),
@@ -277,7 +288,8 @@ def cosine(steps: int, warmup: int, floor: float = 0.1):
     return lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
-def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list, log_every: int = 25) -> None:
+def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list, log_every: int = 25,
+                 object_shape: float = 0.0) -> None:
     """Stage 1, a stand-in for CLIP pre-training: the vision tower learns dense and [CLS] targets.
 
     * dense: each patch token of the feature layer predicts, through linear heads, the colour and
@@ -285,7 +297,10 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
       whether it holds an object's centre. This keeps visual tokens local, as CLIP patch tokens
       largely are, which is what makes *which* tokens a method keeps matter;
     * [CLS]: the pooled [CLS] output predicts which colours and which shapes the scene holds, so
-      the [CLS] query that VisionZip / HoloV / FlowCut score with is trained (LLaVA never uses it).
+      the [CLS] query that VisionZip / HoloV / FlowCut score with is trained (LLaVA never uses it);
+    * ``object_shape`` > 0: also the shape of the covering object on object patches only, with
+      that weight. Averaged over all patches (mostly background) the dense shape loss stays flat: a
+      patch's shape is not visible inside it and must be gathered from the object's other patches.
 
     The heads are discarded afterwards.
     """
@@ -310,8 +325,12 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
         patches = out.hidden_states[model.config.vision_feature_layer][:, 1:]
         losses = {"presence": F.binary_cross_entropy_with_logits(heads["presence"](out.pooler_output),
                                                                   presence_targets(chunk))}
-        for key, target in dense_targets(chunk).items():
-            losses[key] = F.cross_entropy(heads[key](patches).flatten(0, 1), target.flatten())
+        for key, target in dense_targets(chunk, model.config.vision_config.patch_size).items():
+            logits, target = heads[key](patches).flatten(0, 1), target.flatten()
+            losses[key] = F.cross_entropy(logits, target)
+            if key == "shape" and object_shape > 0:
+                on = target > 0
+                losses["shape_object"] = object_shape * F.cross_entropy(logits[on][:, 1:], target[on] - 1)
         loss = sum(losses.values())
         optimizer_step(opt, sched, params, loss)
         if step % log_every == 0 or step == steps:
@@ -322,17 +341,23 @@ def train_vision(model, steps: int, batch: int, lr: float, seed: int, log: list,
 
 
 @torch.no_grad()
-def image_pool(model, size: int, seed: int, batch: int = 32) -> tuple[list[data.Scene], torch.Tensor, torch.Tensor]:
-    """``size`` training scenes, their feature-layer patch features ``[size, 576, D]`` (what LLaVA's
-    projector reads) and object maps ``[size, 576]`` (:func:`data.patch_objects`: -1 = background)."""
-    scenes = [s for s, _ in zip(train_scenes(seed), range(size))]
+def scene_features(model, scenes: list[data.Scene], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature-layer patch features ``[len(scenes), 576, D]`` of ``scenes`` (what LLaVA's projector
+    reads) and their object maps ``[len(scenes), 576]`` (:func:`data.patch_objects`: -1 = background)."""
     features, object_maps = [], []
-    for i in range(0, size, batch):
+    for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
         out = model.model.vision_tower(pixel_values([s.render() for s in chunk]), output_hidden_states=True)
         features.append(out.hidden_states[model.config.vision_feature_layer][:, 1:].clone())
-        object_maps.append(torch.from_numpy(np.stack([data.patch_objects(s) for s in chunk])).to(torch.int8))
-    return scenes, torch.cat(features), torch.cat(object_maps)
+        patch = model.config.vision_config.patch_size
+        object_maps.append(torch.from_numpy(np.stack([data.patch_objects(s, patch) for s in chunk])).to(torch.int8))
+    return torch.cat(features), torch.cat(object_maps)
+
+
+def image_pool(model, size: int, seed: int, batch: int = 32) -> tuple[list[data.Scene], torch.Tensor, torch.Tensor]:
+    """``size`` training scenes with their :func:`scene_features`."""
+    scenes = [s for s, _ in zip(train_scenes(seed), range(size))]
+    return (scenes, *scene_features(model, scenes, batch))
 
 
 def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -411,9 +436,20 @@ class AttentionProbe:
         k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # [B, heads, L, head_dim]
         order = torch.argsort(rows, stable=True)
         chunks = [torch.einsum("shd,hld->shl", q[order[rows[order] == r]], k[r]) for r in rows[order].unique_consecutive()]
-        logits = torch.cat(chunks)[torch.argsort(order)] * attn.scaling
+        logits = torch.cat(chunks)[torch.argsort(order)].float() * attn.scaling  # float32 softmax under bf16
         allowed = key_mask[rows].bool() & (torch.arange(length) <= positions[:, None])
         return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+
+    def target_loss(self, targets: list[tuple[int, int, int, torch.Tensor]], key_mask: torch.Tensor) -> torch.Tensor:
+        """Mean ``-log`` of the attention mass that each ``(row, position, head, key positions)`` of
+        ``targets`` puts on its key positions."""
+        rows, positions, heads, hits = zip(*targets)
+        weights = self.weights(torch.tensor(rows), torch.tensor(positions), key_mask)  # [S, heads, L]
+        wanted = torch.zeros(len(hits), weights.shape[-1], dtype=torch.bool)
+        for i, hit in enumerate(hits):
+            wanted[i, hit] = True
+        mass = (weights[torch.arange(len(heads)), torch.tensor(heads)].float() * wanted).sum(-1)
+        return -torch.log(mass + 1e-6).mean()
 
     def remove(self) -> None:
         self._hook.remove()
@@ -475,9 +511,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
             ids, lab, spans = conversations.encode(samples, len(kept))
             image_start = ids.index(conversations.image_token_id)
             for s, (question, answer) in zip(samples, spans):
-                anchors = [p for p in range(question, answer - 2) if ids[p] in conversations.anchor_ids]
-                if len(anchors) != (2 if s.qtype == "relation" else 1):
-                    raise RuntimeError(f"expected one anchor per object role in {s.question!r}, found {len(anchors)}")
+                anchors = conversations.anchors(ids, s, question, answer)
                 for k, anchor in enumerate(anchors):
                     targets["previous"].append((row, anchor, 0, torch.tensor([anchor - 1])))
                     if s.refs and s.qtype != "count":
@@ -512,13 +546,7 @@ def train_language(model, conversations: Conversations, scenes: list[data.Scene]
         if attention_weight > 0:
             for key, probe in probes.items():
                 if targets[key]:
-                    rows_, positions, heads, hits = zip(*targets[key])
-                    weights = probe.weights(torch.tensor(rows_), torch.tensor(positions), mask)  # [S, heads, L]
-                    wanted = torch.zeros(len(hits), weights.shape[-1], dtype=torch.bool)
-                    for i, hit in enumerate(hits):
-                        wanted[i, hit] = True
-                    mass = (weights[torch.arange(len(heads)), torch.tensor(heads)] * wanted).sum(-1)
-                    aux_losses[key] = -torch.log(mass + 1e-6).mean()
+                    aux_losses[key] = probe.target_loss(targets[key], mask)
         loss = loss_lm + sum(v * (1 if k == "align" else attention_weight) for k, v in aux_losses.items())
         optimizer_step(opt, sched, params, loss)
         if step % log_every == 0 or step == steps:

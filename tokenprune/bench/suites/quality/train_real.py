@@ -5,7 +5,7 @@ vision tower (alone, first), the two-layer projector and a low-rank adapter (:mo
 tower uses **28-px patches: 12x12 = 144 image tokens** (the scenes stay 336 px), a quarter of
 LLaVA-1.5's 576, because a 30-layer decoder trained and evaluated on two CPU cores cannot afford
 576 image tokens per question (measured: 0.36 s per 170-token sequence forward + backward in
-bfloat16, 1.6 s at 600). Stages, each cached in a work directory (a crash or a budget stop loses
+bfloat16, 0.78 s at 300). Stages, each cached in a work directory (a crash or a budget stop loses
 nothing; a rerun reuses finished stages and resumes the last from its checkpoint):
 
 1. ``vision.pt`` — :func:`train.train_vision`: dense per-patch targets (colour, shape, grid row and

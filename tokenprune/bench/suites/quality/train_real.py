@@ -38,6 +38,7 @@ import platform
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -62,11 +63,11 @@ def describe(scene: data.Scene) -> str:
 
 def encode_description(conversations: Conversations, scene: data.Scene, num_image_tokens: int
                        ) -> tuple[list[int], list[int]]:
-    """``(ids, labels)`` of ``USER: <image>*k\\ndescribe the image . ASSISTANT: <description></s>``."""
-    ids = conversations._head + [conversations.image_token_id] * num_image_tokens
-    prompt = conversations._ids(conversations._tail.format(question=DESCRIBE))
-    answer = conversations._ids(" " + describe(scene)) + [conversations.tokenizer.eos_token_id]
-    return ids + prompt + answer, [-100] * (len(ids) + len(prompt)) + answer
+    """``(ids, labels)`` of ``USER: <image>*k\\ndescribe the image . ASSISTANT: <description></s>``:
+    a one-turn conversation of :meth:`Conversations.encode` (it reads only the question and answer)."""
+    ids, labels, _ = conversations.encode([SimpleNamespace(question=DESCRIBE, answer=describe(scene))],
+                                          num_image_tokens)
+    return ids, labels
 
 
 def embed_batch(model, image_token_id: int, pad_id: int, rows: list[list[int]], labels: list[list[int]],
